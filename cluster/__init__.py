@@ -1,0 +1,1 @@
+"""Cluster layer: devices (cpu/cuda/npu), Ray resources and placement, weight transport."""
