@@ -1,0 +1,90 @@
+"""The central p̂ estimator: one named actor for the whole cluster.
+
+``PHatService`` (plain class, testable without Ray) owns a ``passk_rl.stats`` estimator and a
+``passk_rl.schedule`` K schedule. Each step the driver sends (prompt ids, rewards) and gets back the p̂ of each
+prompt, the global p̂ and the K (or K weights) to shape with.
+
+Order matters: the p̂ and K handed back are computed *before* this step's rewards are folded in, so a plug-in
+shaping that uses them (``algorithm.p_hat_source: estimator``) gets a p̂ that does not depend on the group it
+weights — that removes the finite-n coupling bias of group-mean p̂ (see docs/shapings.md). The rewards are
+then added to the statistics for the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from passk_rl import schedule as schedule_mod
+from passk_rl import stats as stats_mod
+
+
+@dataclasses.dataclass
+class PHatDecision:
+    step: int
+    p_hat: List[float]  # per prompt, before this step's rewards
+    p_global: float  # global p̂ before this step's rewards
+    k: int
+    k_weights: Optional[Dict[int, float]]
+    total_samples: int  # samples folded in so far, this step included
+
+
+class PHatService:
+    def __init__(self, *, estimator: str, estimator_params: Optional[Dict[str, Any]] = None, schedule: str,
+                 schedule_params: Optional[Dict[str, Any]] = None, n: int):
+        self.estimator_name = estimator
+        self.schedule_name = schedule
+        self.n = int(n)
+        self.stats = stats_mod.make_stats(estimator, **(estimator_params or {}))
+        self.schedule = schedule_mod.make_schedule(schedule, **(schedule_params or {}))
+        self.history: List[Dict[str, Any]] = []
+
+    def observe(self, prompt_ids: Sequence[str], rewards: Any, *, step: int) -> PHatDecision:
+        r = torch.as_tensor(np.asarray(rewards, dtype=np.float64))
+        if r.ndim != 2 or r.shape[0] != len(prompt_ids):
+            raise ValueError(f"rewards must be (G, n) with G={len(prompt_ids)} prompts; got shape {tuple(r.shape)}")
+        p_hat = [float(x) for x in torch.as_tensor(self.stats.value(list(prompt_ids))).reshape(-1)]
+        p_global = float(self.stats.global_value())
+        decision = self.schedule.next(p_global, step=step, n=int(r.shape[1]))
+        self.stats.update(list(prompt_ids), r)
+        weights = getattr(decision, "weights", None)
+        out = PHatDecision(step=step, p_hat=p_hat, p_global=p_global, k=int(decision.k),
+                           k_weights=dict(weights) if weights else None,
+                           total_samples=int(self.stats.total_samples))
+        self.history.append({"step": step, "p_global": p_global, "k": out.k})
+        return out
+
+    def global_value(self) -> float:
+        return float(self.stats.global_value())
+
+    def total_samples(self) -> int:
+        return int(self.stats.total_samples)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"stats": self.stats.state_dict(), "schedule": self.schedule.state_dict(), "history": list(self.history),
+                "estimator": self.estimator_name, "schedule_name": self.schedule_name}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("estimator") != self.estimator_name or state.get("schedule_name") != self.schedule_name:
+            raise ValueError(
+                f"p̂ state is for estimator={state.get('estimator')!r}, schedule={state.get('schedule_name')!r}; "
+                f"this run uses estimator={self.estimator_name!r}, schedule={self.schedule_name!r}"
+            )
+        self.stats.load_state_dict(state["stats"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.history = list(state.get("history", []))
+
+
+def actor_name(run_name: str) -> str:
+    return f"passk_rl.phat.{run_name}"
+
+
+def create_phat_actor(run_name: str, **kwargs: Any):
+    """Start the named p̂ actor of ``run_name`` (one per run; a second start with the same name fails)."""
+    import ray
+
+    cls = ray.remote(num_cpus=0)(PHatService)
+    return cls.options(name=actor_name(run_name)).remote(**kwargs)

@@ -1,0 +1,59 @@
+"""Entry point: ``python -m passk_rl.launch --config configs/NAME.yaml [dotted.key=value ...] [--dry-run]``.
+
+Inside a Ray job (``ray job submit -- python -m passk_rl.launch ...``) it joins the job's cluster; otherwise it
+joins ``cluster.address`` or starts a private local cluster. The config is loaded and checked, and the
+placement plan computed, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from passk_rl.config import ConfigError, dump_yaml, load_config
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m passk_rl.launch", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the config, the placement plan and per-device memory; start nothing")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. run.steps=5")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from passk_rl.plan import make_plan
+
+        plan = make_plan(cfg) if (args.dry_run or cfg.cluster.device != "cpu") else None
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("# resolved config\n" + dump_yaml(cfg))
+        print("# placement and memory plan\n" + plan.render())
+        return 0 if plan.fits else 3
+    if plan is not None and not plan.fits:
+        print("the placement plan does not fit:\n" + plan.render(), file=sys.stderr)
+        return 3
+    from passk_rl.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    # vLLM spawns processes: the entry point must be guarded.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

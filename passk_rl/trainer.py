@@ -1,0 +1,339 @@
+"""The driver: one training step is the named phases generate → verify → stats/K → shape → update → sync → log.
+
+The driver holds no model; it moves prompts, token ids, rewards and advantages between the actors:
+``GeneratorPool`` (vLLM engines), ``VerifierPool`` (task verifiers in their own processes), the named
+``PHatService`` actor (p̂ statistics and K), and ``LearnerGroup`` (DeepSpeed ZeRO ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from passk_rl import shaping
+from passk_rl.config import Config, dump_yaml
+from passk_rl.metrics import PHASES, JsonlWriter, PhaseTimer, batch_pass_at_k
+from passk_rl.tasks import STATUSES, Prompt, make_task
+
+
+def resolve_model_path(path: str, *, seed: int) -> str:
+    """``builtin:arith-base`` → the cached tiny base model (built on first use); else the path as given."""
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name != "arith-base":
+            raise ValueError(f"model.path: unknown built-in model {name!r}; known: ['arith-base']")
+        from passk_rl.tasks.make_base import ensure_base_model
+
+        return str(ensure_base_model(seed=seed))
+    p = Path(path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: {p} has no config.json (expected a Hugging Face model directory)")
+        return str(p.resolve())
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in path:
+        raise FileNotFoundError(f"model.path: {path!r} is not a local directory and cannot be fetched offline")
+    return path  # a hub id: vLLM/transformers fetch or read it from the local HF cache
+
+
+def init_ray(cfg: Config) -> bool:
+    """Join the Ray job's cluster when run through ``ray job submit``; else ``cluster.address``.
+
+    Returns True when this call started a cluster (so shutdown stops only what we started).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
+    # Worker processes import passk_rl/actors/cluster: make the repo importable for them too.
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+                        "TOKENIZERS_PARALLELISM": "false"}}
+    if in_job:
+        ray.init(address="auto", runtime_env=env)
+        return False
+    if cfg.cluster.address == "local":
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1),
+                 include_dashboard=False, runtime_env=env)
+        return True
+    ray.init(address=cfg.cluster.address, runtime_env=env)
+    return False
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.started_ray = False
+        self.gen = self.verifier = self.learner = self.phat = self.dash = None
+        self.placement = None
+        self.transport = None
+        self.status_totals = {s: 0 for s in STATUSES}
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.log(f"run {cfg.run.name}: writing to {self.run_dir}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists() and not cfg.run.resume:
+            metrics.unlink()
+        self.metrics = JsonlWriter(metrics)
+
+        # Everything that can fail on bad input happens before any actor starts.
+        self.task = make_task(cfg.task.name, **cfg.task.params)
+        self.train_prompts = self.task.prompts(cfg.task.train_split)
+        self.eval_prompts = self.task.prompts(cfg.task.eval_split)[: cfg.eval.num_prompts]
+        if not self.train_prompts:
+            raise ValueError(f"task {cfg.task.name!r} has no prompts in split {cfg.task.train_split!r}")
+        self.model_path = resolve_model_path(cfg.model.path, seed=cfg.run.seed)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.rng = random.Random(cfg.run.seed)
+        self.order: List[int] = []
+
+        import ray
+
+        from actors.generator import GeneratorPool
+        from actors.learner import LearnerGroup
+        from actors.phat import create_phat_actor
+        from actors.verifier import VerifierPool
+        from cluster.devices import device_spec
+        from cluster.placement import reserve
+        from cluster.weight_sync import make_transport
+        from passk_rl.metrics import create_dashboard_actor
+
+        self.started_ray = init_ray(cfg)
+        spec = device_spec(cfg.cluster.device)
+        t0 = time.perf_counter()
+        self.placement = reserve(spec, num_engines=cfg.generator.num_engines, tp=cfg.generator.tensor_parallel_size,
+                                 cpus_per_engine=cfg.generator.num_cpus_per_engine,
+                                 world_size=cfg.learner.world_size, cpus_per_rank=cfg.learner.num_cpus_per_rank,
+                                 strategy=cfg.cluster.placement_strategy)
+        self.phat = create_phat_actor(cfg.run.name, estimator=cfg.estimator.kind,
+                                      estimator_params=cfg.estimator.params, schedule=cfg.schedule.kind,
+                                      schedule_params=cfg.schedule.params, n=cfg.generator.n)
+        if cfg.logging.ray_metrics:
+            self.dash = create_dashboard_actor(cfg.run.name, cfg.logging.pass_at_ks)
+        self.transport = make_transport(cfg.sync.transport, root=cfg.sync.root, run_name=cfg.run.name)
+        self.verifier = VerifierPool(cfg.task.name, cfg.task.params, num_workers=cfg.verifier.num_workers,
+                                     timeout_s=cfg.verifier.timeout_s,
+                                     num_cpus_per_worker=cfg.verifier.num_cpus_per_worker)
+        g = cfg.generator
+        self.gen = GeneratorPool(
+            g.num_engines,
+            dict(model_path=self.model_path, device=cfg.cluster.device, seed=cfg.run.seed,
+                 kv_cache_bytes=int(g.kv_cache_gib * 2**30), max_model_len=cfg.model.max_model_len,
+                 dtype=cfg.model.dtype, tensor_parallel_size=g.tensor_parallel_size, enforce_eager=g.enforce_eager,
+                 transport=self.transport),
+            device=cfg.cluster.device, num_cpus_per_engine=g.num_cpus_per_engine, placement_group=self.placement.generator_pg,
+        )
+        L = cfg.learner
+        self.learner = LearnerGroup(
+            L.world_size, self.model_path, device=cfg.cluster.device, num_cpus_per_rank=L.num_cpus_per_rank,
+            placement_group=self.placement.learner_pg, zero_stage=L.zero_stage, lr=L.lr,
+            weight_decay=L.weight_decay, betas=tuple(L.betas), grad_clip=L.grad_clip,
+            micro_batch_size=L.micro_batch_size, clip_low=L.clip_low, clip_high=L.clip_high,
+            aggregation=L.aggregation, kl_coef=L.kl_coef, kl_estimator=L.kl_estimator,
+            gradient_checkpointing=L.gradient_checkpointing, seed=cfg.run.seed,
+            bf16=cfg.model.dtype == "bfloat16",
+        )
+        self.log(f"actors up in {time.perf_counter() - t0:.1f}s: {g.num_engines} generator engine(s), "
+                 f"{cfg.verifier.num_workers} verifier(s), {L.world_size} learner rank(s), p̂ actor "
+                 f"{cfg.estimator.kind}/{cfg.schedule.kind}")
+
+    # ------------------------------------------------------------------------------------------- loop
+    def next_prompts(self) -> List[Prompt]:
+        out = []
+        while len(out) < self.cfg.data.prompts_per_step:
+            if not self.order:
+                self.order = list(range(len(self.train_prompts)))
+                if self.cfg.data.shuffle:
+                    self.rng.shuffle(self.order)
+            out.append(self.train_prompts[self.order.pop()])
+        return out
+
+    def train(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        summary: Dict[str, Any] = {"run": cfg.run.name}
+        if cfg.eval.enabled:
+            summary["base_eval"] = self.evaluate(step=0)
+        t_start = time.perf_counter()
+        for step in range(1, cfg.run.steps + 1):
+            record = self.step(step)
+            if cfg.eval.enabled and cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
+                record["eval"] = self.evaluate(step=step)
+            if cfg.run.checkpoint_interval and step % cfg.run.checkpoint_interval == 0:
+                self.save_checkpoint(step)
+        summary["train_seconds"] = time.perf_counter() - t_start
+        if cfg.run.steps > 0:
+            self.save_checkpoint(cfg.run.steps, final=True)
+        if cfg.eval.enabled:
+            summary["final_eval"] = self.evaluate(step=cfg.run.steps)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.print_summary(summary)
+        return summary
+
+    def step(self, step: int) -> Dict[str, Any]:
+        cfg, g = self.cfg, self.cfg.generator
+        timer = PhaseTimer()
+        import ray
+
+        with timer.phase("generate"):
+            prompts = self.next_prompts()
+            texts = [self.task.format_prompt(p, self.tokenizer) for p in prompts]
+            samples = self.gen.generate(texts, n=g.n, temperature=g.temperature, top_p=g.top_p,
+                                        max_tokens=g.max_tokens, seed=cfg.run.seed * 1_000_003 + step)
+        with timer.phase("verify"):
+            flat_prompts = [p for p in prompts for _ in range(g.n)]
+            flat_completions = [s.text for group in samples for s in group]
+            verdicts = self.verifier.verify(flat_prompts, flat_completions)
+            rewards = np.array([v.reward for v in verdicts], dtype=np.float64).reshape(len(prompts), g.n)
+            status_counts = {s: 0 for s in STATUSES}
+            for v in verdicts:
+                status_counts[v.status] += 1
+            for s, c in status_counts.items():
+                self.status_totals[s] += c
+        with timer.phase("stats"):
+            decision = ray.get(self.phat.observe.remote([p.id for p in prompts], rewards, step=step))
+        with timer.phase("shape"):
+            advantages = self.shape(rewards, decision)
+        with timer.phase("update"):
+            batch = [
+                {"prompt_token_ids": s.prompt_token_ids, "response_token_ids": s.token_ids,
+                 "behaviour_logprobs": s.logprobs, "advantage": float(advantages[i, j])}
+                for i, group in enumerate(samples) for j, s in enumerate(group)
+            ]
+            train_metrics = self.learner.train_step(batch, step=step)
+        with timer.phase("sync"):
+            handle = self.learner.publish_weights(self.transport, step=step)
+            self.gen.sync_weights(handle)
+            probe = self.sync_probe(batch[0]) if cfg.sync.probe else None
+        with timer.phase("log"):
+            gen_tokens = sum(len(s.token_ids) for group in samples for s in group)
+            record: Dict[str, Any] = {
+                "step": step,
+                "k": decision.k,
+                "k_weights": decision.k_weights,
+                "p_hat_global": decision.p_global,
+                "p_hat_samples": decision.total_samples,
+                "reward_mean": float(rewards.mean()),
+                **batch_pass_at_k(rewards, cfg.logging.pass_at_ks),
+                "verifier_status": status_counts,
+                "verifier_failures": status_counts["timeout"] + status_counts["error"],
+                "verifier_status_total": dict(self.status_totals),
+                "advantage_abs_mean": float(np.abs(advantages).mean()),
+                "gen_tokens": gen_tokens,
+                "gen_tokens_per_s": gen_tokens / max(timer.seconds["generate"], 1e-9),
+                "sync_probe_max_abs_diff": probe,
+                "learner": train_metrics,
+            }
+        record["phase_seconds"] = dict(timer.seconds)
+        record["step_seconds"] = timer.total()
+        record["samples_per_s"] = len(batch) / max(timer.total(), 1e-9)
+        self.metrics.write(record)
+        if self.dash is not None:
+            self.dash.report.remote(record)
+        if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+            ks = " ".join(f"pass@{k}={record[f'pass@{k}']:.3f}" for k in cfg.logging.pass_at_ks if f"pass@{k}" in record)
+            self.log(f"step {step}/{cfg.run.steps}  K={decision.k}  p̂={decision.p_global:.3f}  "
+                     f"reward={record['reward_mean']:.3f}  {ks}  fail={record['verifier_failures']}  "
+                     f"{record['step_seconds']:.1f}s ({record['samples_per_s']:.1f} samples/s)")
+        return record
+
+    def shape(self, rewards: np.ndarray, decision: Any) -> np.ndarray:
+        a = self.cfg.algorithm
+        params = dict(a.shaping_params)
+        if a.shaping == "multi_k" and decision.k_weights:
+            params["weights"] = decision.k_weights
+        p_hat = None
+        if a.p_hat_source == "estimator" and shaping.info(a.shaping).uses_p_hat:
+            p_hat = torch.tensor(decision.p_hat, dtype=torch.float64)
+        adv = shaping.shape(a.shaping, torch.tensor(rewards, dtype=torch.float64), k=decision.k, p_hat=p_hat, **params)
+        return adv.numpy()
+
+    def sync_probe(self, sample: Dict[str, Any]) -> float:
+        """Largest |generator − learner| logprob on one fixed completion, right after the sync."""
+        gen_lp = self.gen.score([sample["prompt_token_ids"]], [sample["response_token_ids"]])[0]
+        learn_lp = self.learner.compute_logprobs([sample])[0]
+        return float(np.max(np.abs(np.asarray(gen_lp) - np.asarray(learn_lp)))) if len(gen_lp) else 0.0
+
+    # ------------------------------------------------------------------------------------------- eval
+    def evaluate(self, *, step: int) -> Dict[str, Any]:
+        from passk_rl.evaluate import evaluate_pool
+
+        e = self.cfg.eval
+        t0 = time.perf_counter()
+        res = evaluate_pool(self.gen, self.verifier, self.task, self.eval_prompts, tokenizer=self.tokenizer,
+                            n=e.n, ks=e.ks, temperature=e.temperature, max_tokens=self.cfg.generator.max_tokens,
+                            seed=self.cfg.run.seed + 7919 * step)
+        res["step"] = step
+        res["seconds"] = time.perf_counter() - t0
+        out = self.run_dir / "eval"
+        out.mkdir(exist_ok=True)
+        (out / f"step_{step:06d}.json").write_text(json.dumps(res, indent=2))
+        self.log(f"eval @ step {step} (held-out, {len(self.eval_prompts)} prompts × n={e.n}): " +
+                 "  ".join(f"pass@{k}={res['pass_at_k'][str(k)]['mean']:.3f}" for k in e.ks))
+        return res
+
+    # ------------------------------------------------------------------------------------- checkpoint
+    def save_checkpoint(self, step: int, *, final: bool = False) -> None:
+        import ray
+
+        ck = self.run_dir / "checkpoints" / f"step_{step:06d}"
+        ck.mkdir(parents=True, exist_ok=True)
+        self.learner.save_checkpoint(str(ck / "learner"), step=step)
+        torch.save(ray.get(self.phat.state_dict.remote()), ck / "phat.pt")
+        (ck / "driver.json").write_text(json.dumps({"step": step, "order": self.order,
+                                                    "rng": repr(self.rng.getstate())}))
+        if final:
+            self.learner.export_hf(str(self.run_dir / "final_model"))
+        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"))
+        for old in ckpts[: -self.cfg.run.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def print_summary(self, summary: Dict[str, Any]) -> None:
+        if "base_eval" not in summary or "final_eval" not in summary:
+            return
+        lines = ["", f"held-out pass@k, base → final ({len(self.eval_prompts)} prompts, n={self.cfg.eval.n}):"]
+        for k in self.cfg.eval.ks:
+            b = summary["base_eval"]["pass_at_k"][str(k)]
+            f = summary["final_eval"]["pass_at_k"][str(k)]
+            lines.append(f"  pass@{k:<4} {b['mean']:.3f} [{b['lo']:.3f}, {b['hi']:.3f}]  →  "
+                         f"{f['mean']:.3f} [{f['lo']:.3f}, {f['hi']:.3f}]   ({f['mean'] - b['mean']:+.3f})")
+        lines.append(f"run directory: {self.run_dir.resolve()}")
+        self.log("\n".join(lines))
+
+    @staticmethod
+    def log(msg: str) -> None:
+        print(f"[passk_rl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def shutdown(self) -> None:
+        for obj in (self.gen, self.learner, self.verifier):
+            if obj is not None:
+                try:
+                    obj.shutdown()
+                except Exception as e:  # shutting down must not hide the run's own error
+                    print(f"[passk_rl] shutdown of {type(obj).__name__} failed: {e}", file=sys.stderr)
+        if self.placement is not None:
+            try:
+                self.placement.remove()
+            except Exception:
+                pass
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
