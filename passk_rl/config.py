@@ -110,7 +110,7 @@ class VerifierConfig:
 @dataclasses.dataclass
 class LearnerConfig:
     world_size: int = 2
-    zero_stage: int = dataclasses.field(default=2, metadata=_choice(1, 2, 3))
+    zero_stage: int = dataclasses.field(default=2, metadata=_choice(2, 3))
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
@@ -400,5 +400,3 @@ def validate(cfg: Config) -> None:
             raise ConfigError("sync.transport: only 'shm_safetensors' works on cluster.device=cpu")
         if cfg.model.dtype == "float16":
             raise ConfigError("model.dtype: float16 is not supported on cluster.device=cpu; use float32 or bfloat16")
-    if cfg.learner.zero_stage == 1 and cfg.cluster.device == "cpu":
-        pass  # allowed; documented as rarely useful

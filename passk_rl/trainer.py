@@ -146,7 +146,8 @@ class Trainer:
             placement_group=self.placement.learner_pg, zero_stage=L.zero_stage, lr=L.lr,
             weight_decay=L.weight_decay, betas=tuple(L.betas), grad_clip=L.grad_clip,
             micro_batch_size=L.micro_batch_size, clip_low=L.clip_low, clip_high=L.clip_high,
-            aggregation=L.aggregation, kl_coef=L.kl_coef, kl_estimator=L.kl_estimator,
+            aggregation=L.aggregation, kl_coef=L.kl_coef, kl_estimator=L.kl_estimator, ref_model=L.kl_coef > 0,
+            temperature=g.temperature,
             gradient_checkpointing=L.gradient_checkpointing, seed=cfg.run.seed,
             bf16=cfg.model.dtype == "bfloat16",
         )

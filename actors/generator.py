@@ -1,0 +1,427 @@
+"""vLLM generator engines: a plain class (``VLLMGenerator``), its thin Ray actor, and a pool of them.
+
+Behaviour logprobs. ``Sample.logprobs[t]`` is vLLM's logprob of the sampled token ``token_ids[t]``. In vLLM 0.32
+what that means is the engine's ``logprobs_mode`` (``vllm.config.ModelConfig.logprobs_mode``):
+
+* ``"raw_logprobs"`` (default here and in vLLM) — ``log_softmax`` of the model's raw logits, *before* temperature,
+  top-p/top-k and other logits processors: log π_θ(token) at temperature 1. This is what the learner recomputes
+  (it scores at temperature 1), so with the default the PPO ratio starts at exactly 1 when weights are in sync.
+* ``"processed_logprobs"`` — after temperature and top-p/top-k: the log-probability under the distribution the
+  token was actually drawn from (the true behaviour policy when temperature ≠ 1 or top_p < 1).
+
+Every ``Sample`` records the mode it was produced with. ``score`` uses prompt logprobs, which vLLM never processes
+(temperature 1, no truncation) in either mode.
+
+Seeds. Request ``i`` of a call gets ``request_seed(seed, i)`` where ``i`` is the prompt's index in the caller's
+list (the pool passes global indices), and vLLM seeds its ``n`` sub-requests ``seed_i + j``. The mixing keeps the
+ranges of different prompts from overlapping, so a result does not depend on how prompts were split over engines
+or batched. ``seed=None`` draws the call's seed from the generator's own seed and a call counter: reproducible for
+the same sequence of calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from cluster.devices import device_spec
+
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+_MASK62 = (1 << 62) - 1
+
+
+@dataclasses.dataclass
+class Sample:
+    """One completion. ``logprobs[t]`` belongs to ``token_ids[t]`` (same length), in ``logprobs_mode``."""
+
+    prompt_token_ids: List[int]
+    token_ids: List[int]
+    text: str
+    logprobs: List[float]
+    finish_reason: Optional[str]  # "stop" (EOS or stop string), "length" (max_tokens), "abort"
+    logprobs_mode: str = "raw_logprobs"
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """Seed of prompt ``index`` in a call seeded ``seed``: a 62-bit hash, so ``+ j`` for the n sub-requests of
+    one prompt practically never collides with another prompt's range."""
+    return _splitmix64(_splitmix64(int(seed) & 0xFFFFFFFFFFFFFFFF) ^ int(index)) & _MASK62
+
+
+def _check_sampling(n: int, temperature: float, top_p: float, max_tokens: int) -> None:
+    bad = []
+    if not (isinstance(n, int) and n >= 1):
+        bad.append(f"n must be an int ≥ 1 (got {n!r})")
+    if not temperature >= 0:
+        bad.append(f"temperature must be ≥ 0 (got {temperature!r})")
+    if not 0 < top_p <= 1:
+        bad.append(f"top_p must be in (0, 1] (got {top_p!r})")
+    if not (isinstance(max_tokens, int) and max_tokens >= 1):
+        bad.append(f"max_tokens must be an int ≥ 1 (got {max_tokens!r})")
+    if bad:
+        raise ValueError("generate: " + "; ".join(bad))
+
+
+def assign_balanced(costs: Sequence[float], load: Sequence[float]) -> List[List[int]]:
+    """Split item indices over engines: longest-processing-time first, each onto the currently least-loaded
+    engine (``load``: work already queued per engine; ties go to the lowest engine index). Each part is sorted."""
+    if not load:
+        raise ValueError("assign_balanced: no engines")
+    cur = [float(x) for x in load]
+    parts: List[List[int]] = [[] for _ in cur]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        e = min(range(len(cur)), key=lambda e: (cur[e], e))
+        parts[e].append(i)
+        cur[e] += costs[i]
+    for part in parts:
+        part.sort()
+    return parts
+
+
+Prompt = Union[str, Sequence[int]]
+
+
+class VLLMGenerator:
+    """One vLLM engine (``vllm.LLM``) with sampling, scoring and weight sync. Usable without Ray.
+
+    ``kv_cache_bytes`` sizes the KV cache on cpu; on cuda/npu the cache is ``gpu_memory_utilization`` of device
+    memory. ``enforce_eager=True`` is the default because on CPU torch.compile makes the engine start take ~150 s
+    instead of ~30 s for no measurable decode speed-up on small models; on GPUs pass False (CUDA graphs).
+    """
+
+    def __init__(self, model_path: str, *, device: str = "cpu", seed: int = 0, kv_cache_bytes: int = 256 * 2**20,
+                 max_model_len: int = 512, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 enforce_eager: bool = True, transport: Any = None, logprobs_mode: str = "raw_logprobs",
+                 gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256,
+                 engine_kwargs: Optional[Dict[str, Any]] = None):
+        model_dir = Path(model_path)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"model_path {model_path!r} is not an HF model directory (no config.json)")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+        spec = device_spec(device)
+        if device == "cpu" and tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size must be 1 on device 'cpu'")
+        spec.import_extension()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+        from cluster.weight_sync import checkpoint_params, optional_param_names
+
+        self.model_path = str(model_dir)
+        self.device = device
+        self.seed = int(seed)
+        self.max_model_len = int(max_model_len)
+        self.logprobs_mode = logprobs_mode
+        self.transport = transport
+        # The reference for validating published weights: what this engine loaded at start.
+        self.expected_params = checkpoint_params(model_dir)
+        self.optional_params = optional_param_names(model_dir)
+        self.weights_step: Optional[int] = None
+        self._calls = 0
+
+        kwargs: Dict[str, Any] = dict(
+            model=self.model_path, dtype=dtype, seed=self.seed, max_model_len=self.max_model_len,
+            tensor_parallel_size=int(tensor_parallel_size), enforce_eager=bool(enforce_eager),
+            logprobs_mode=logprobs_mode, max_num_seqs=int(max_num_seqs),
+        )
+        if device == "cpu":
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        else:
+            kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        if transport is not None:
+            kwargs.update(transport.engine_kwargs(device))
+        kwargs.update(engine_kwargs or {})
+
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 32, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+                 prompt_indices: Optional[Sequence[int]] = None) -> List[List[Sample]]:
+        """``n`` samples for each prompt (text, or token ids used as-is); result ``[prompt][sample]``.
+
+        ``prompt_indices`` (default ``range(len(prompts))``) are the indices the per-request seeds derive from;
+        a pool passes each prompt's position in the full batch.
+        """
+        from vllm import SamplingParams
+
+        _check_sampling(n, temperature, top_p, max_tokens)
+        prompts = list(prompts)
+        if prompt_indices is None:
+            prompt_indices = range(len(prompts))
+        if len(prompt_indices) != len(prompts):
+            raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        if seed is None:
+            seed = request_seed(self.seed, self._calls)
+        self._calls += 1
+        inputs = [self._as_input(p, i) for i, p in enumerate(prompts)]
+        params = [SamplingParams(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=max_tokens,
+                                 seed=request_seed(seed, int(idx)), stop=list(stop) if stop else None, logprobs=0)
+                  for idx in prompt_indices]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        result: List[List[Sample]] = []
+        for out in outputs:
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                tids = list(c.token_ids)
+                if c.logprobs is None or len(c.logprobs) != len(tids):
+                    raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} logprobs for "
+                                       f"{len(tids)} generated tokens")
+                lps = [float(pos[t].logprob) for pos, t in zip(c.logprobs, tids)]
+                group.append(Sample(prompt_token_ids=list(out.prompt_token_ids), token_ids=tids, text=c.text,
+                                    logprobs=lps, finish_reason=c.finish_reason, logprobs_mode=self.logprobs_mode))
+            result.append(group)
+        return result
+
+    def _as_input(self, p: Prompt, i: int) -> Any:
+        if isinstance(p, str):
+            return p
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is an empty token list")
+        return {"prompt_token_ids": ids}
+
+    def score(self, prompt_token_ids: Sequence[Sequence[int]],
+              completion_token_ids: Sequence[Sequence[int]]) -> List[List[float]]:
+        """log π(completion[t] | prompt, completion[:t]) at temperature 1, for every completion token.
+
+        Computed with vLLM prompt logprobs over ``prompt + completion`` (prefix cache not read, so the numbers
+        always come from the current weights). Used as the weight-sync probe.
+        """
+        from vllm import SamplingParams
+
+        if len(prompt_token_ids) != len(completion_token_ids):
+            raise ValueError(f"score: {len(prompt_token_ids)} prompts but {len(completion_token_ids)} completions")
+        inputs, spans = [], []
+        for i, (p, c) in enumerate(zip(prompt_token_ids, completion_token_ids)):
+            p, c = [int(t) for t in p], [int(t) for t in c]
+            if not p:
+                raise ValueError(f"score: prompt {i} is empty (the first token has no logprob)")
+            if len(p) + len(c) >= self.max_model_len:
+                raise ValueError(f"score: prompt {i} + completion is {len(p) + len(c)} tokens; the engine's "
+                                 f"max_model_len is {self.max_model_len}")
+            inputs.append({"prompt_token_ids": p + c})
+            spans.append((len(p), c))
+        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False,
+                            skip_reading_prefix_cache=True)
+        outputs = self.llm.generate(inputs, sp, use_tqdm=False)
+        result = []
+        for out, (start, c) in zip(outputs, spans):
+            plp = out.prompt_logprobs
+            result.append([float(plp[start + j][t].logprob) for j, t in enumerate(c)])
+        return result
+
+    # ------------------------------------------------------------------------------------------- weights
+    def sync_weights(self, handle: Any) -> Dict[str, Any]:
+        """Load the weights ``handle`` names through the transport; ``{"step", "seconds", "pid"}``."""
+        if self.transport is None:
+            raise RuntimeError("sync_weights: this generator was built without a weight transport")
+        t0 = time.perf_counter()
+        self.transport.apply(self.llm, handle, expected_params=self.expected_params,
+                             optional_params=self.optional_params)
+        self.weights_step = handle.step
+        return {"step": handle.step, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def info(self) -> Dict[str, Any]:
+        return {"model_path": self.model_path, "device": self.device, "pid": os.getpid(),
+                "start_seconds": self.start_seconds, "weights_step": self.weights_step,
+                "logprobs_mode": self.logprobs_mode}
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop the engine processes. The generous timeout matters: vLLM's default (5 s) force-kills an engine
+        that is slow to exit on a busy machine, which leaks its shared-memory queues (/dev/shm/psm_*, 160 MiB)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown(timeout=timeout_s)
+            self.llm = None
+
+
+class GeneratorActor(VLLMGenerator):
+    """The Ray actor: ``VLLMGenerator`` as is (Ray calls its methods remotely). Build it with :meth:`create`."""
+
+    def ready(self) -> Dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {**self.info(), "node_id": ctx.get_node_id(), "placement_group_id": ctx.get_placement_group_id()}
+
+    @staticmethod
+    def actor_options(*, device: str = "cpu", tensor_parallel_size: int = 1, num_cpus: float = 0.5,
+                      placement_group: Any = None, bundle_index: Optional[int] = None) -> Dict[str, Any]:
+        """Ray ``.options()``: ``num_cpus`` plus, on cuda/npu, ``tensor_parallel_size`` of the device resource."""
+        from cluster.placement import optional_bundle
+
+        spec = device_spec(device)
+        opts: Dict[str, Any] = {"num_cpus": num_cpus}
+        if spec.ray_resource == "GPU":
+            opts["num_gpus"] = tensor_parallel_size
+        elif spec.ray_resource is not None:
+            opts["resources"] = {spec.ray_resource: tensor_parallel_size}
+        if placement_group is not None:
+            opts.update(optional_bundle({"placement_group": placement_group,
+                                         "placement_group_bundle_index": bundle_index}))
+        return opts
+
+    @classmethod
+    def create(cls, engine_kwargs: Dict[str, Any], **option_kwargs: Any) -> Any:
+        import ray
+
+        opts = cls.actor_options(device=engine_kwargs.get("device", "cpu"),
+                                 tensor_parallel_size=engine_kwargs.get("tensor_parallel_size", 1), **option_kwargs)
+        return ray.remote(cls).options(**opts).remote(**engine_kwargs)
+
+
+class GeneratorPool:
+    """``num_engines`` generator actors behind one ``generate``/``score``/``sync_weights`` interface.
+
+    Dispatch: each call splits its prompts over the engines by estimated cost (n × (prompt length + max_tokens)),
+    greedily onto the least-loaded engine, counting work still in flight from concurrent calls; results come back
+    in the caller's order. Engines start concurrently; the constructor returns when all are up (or raises the
+    first engine's error).
+    """
+
+    def __init__(self, num_engines: int, engine_kwargs: Dict[str, Any], *, device: str = "cpu",
+                 num_cpus_per_engine: float = 0.5, placement_group: Any = None,
+                 bundle_indices: Optional[Sequence[int]] = None):
+        import ray
+
+        if num_engines < 1:
+            raise ValueError(f"num_engines must be ≥ 1, got {num_engines}")
+        if bundle_indices is None:
+            bundle_indices = list(range(num_engines))
+        if placement_group is not None and len(bundle_indices) != num_engines:
+            raise ValueError(f"{len(bundle_indices)} bundle indices for {num_engines} engines")
+        kwargs = dict(engine_kwargs)
+        kwargs["device"] = device
+        self.device = device
+        self.seed = int(kwargs.get("seed", 0))
+        self._calls = 0
+        self._lock = threading.Lock()
+        self.load = [0.0] * num_engines
+        self.engines = [
+            GeneratorActor.create(kwargs, num_cpus=num_cpus_per_engine, placement_group=placement_group,
+                                  bundle_index=bundle_indices[i] if placement_group is not None else None)
+            for i in range(num_engines)
+        ]
+        try:
+            self.engine_info = ray.get([e.ready.remote() for e in self.engines])
+        except Exception:
+            self.shutdown()
+            raise
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.engines)
+
+    def _assign(self, costs: Sequence[float]) -> List[List[int]]:
+        with self._lock:
+            parts = assign_balanced(costs, self.load)
+            for e, part in enumerate(parts):
+                self.load[e] += sum(costs[i] for i in part)
+        return parts
+
+    def _release(self, parts: List[List[int]], costs: Sequence[float]) -> None:
+        with self._lock:
+            for e, part in enumerate(parts):
+                self.load[e] -= sum(costs[i] for i in part)
+
+    def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 32, seed: Optional[int] = None,
+                 stop: Optional[Sequence[str]] = None) -> List[List[Sample]]:
+        import ray
+
+        _check_sampling(n, temperature, top_p, max_tokens)
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if seed is None:
+            with self._lock:
+                seed = request_seed(self.seed, self._calls)
+                self._calls += 1
+        costs = [float(n * (len(p) + max_tokens)) for p in prompts]
+        parts = self._assign(costs)
+        try:
+            refs = {e: self.engines[e].generate.remote([prompts[i] for i in part], n=n, temperature=temperature,
+                                                       top_p=top_p, max_tokens=max_tokens, seed=seed, stop=stop,
+                                                       prompt_indices=part)
+                    for e, part in enumerate(parts) if part}
+            got = dict(zip(refs, ray.get(list(refs.values()))))
+        finally:
+            self._release(parts, costs)
+        out: List[Optional[List[Sample]]] = [None] * len(prompts)
+        for e, groups in got.items():
+            for i, g in zip(parts[e], groups):
+                out[i] = g
+        return out  # type: ignore[return-value]
+
+    def score(self, prompt_token_ids: Sequence[Sequence[int]], completion_token_ids: Sequence[Sequence[int]], *,
+              engine: Optional[int] = None) -> List[List[float]]:
+        """Completion-token logprobs (see ``VLLMGenerator.score``); ``engine=i`` asks that engine only."""
+        import ray
+
+        if len(prompt_token_ids) != len(completion_token_ids):
+            raise ValueError(f"score: {len(prompt_token_ids)} prompts but {len(completion_token_ids)} completions")
+        if engine is not None:
+            if not 0 <= engine < self.num_engines:
+                raise ValueError(f"engine must be in [0, {self.num_engines}), got {engine}")
+            return ray.get(self.engines[engine].score.remote(list(prompt_token_ids), list(completion_token_ids)))
+        costs = [float(len(p) + len(c)) for p, c in zip(prompt_token_ids, completion_token_ids)]
+        parts = self._assign(costs)
+        try:
+            refs = {e: self.engines[e].score.remote([prompt_token_ids[i] for i in part],
+                                                    [completion_token_ids[i] for i in part])
+                    for e, part in enumerate(parts) if part}
+            got = dict(zip(refs, ray.get(list(refs.values()))))
+        finally:
+            self._release(parts, costs)
+        out: List[List[float]] = [[] for _ in prompt_token_ids]
+        for e, rows in got.items():
+            for i, r in zip(parts[e], rows):
+                out[i] = r
+        return out
+
+    def sync_weights(self, handle: Any) -> Dict[str, Any]:
+        """Apply ``handle`` on every engine in parallel; ``{"step", "seconds" (wall), "engines": [reports]}``."""
+        import ray
+
+        t0 = time.perf_counter()
+        reports = ray.get([e.sync_weights.remote(handle) for e in self.engines])
+        return {"step": handle.step, "seconds": time.perf_counter() - t0, "engines": reports}
+
+    def info(self) -> List[Dict[str, Any]]:
+        import ray
+
+        return ray.get([e.info.remote() for e in self.engines])
+
+    def shutdown(self) -> None:
+        import ray
+
+        engines, self.engines = list(getattr(self, "engines", [])), []
+        if engines:
+            try:
+                ray.get([e.shutdown.remote() for e in engines], timeout=120)
+            except Exception:
+                pass  # killing the actors below reaps the engine processes anyway
+        for e in engines:
+            try:
+                ray.kill(e)
+            except Exception:
+                pass

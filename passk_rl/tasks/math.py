@@ -1,0 +1,133 @@
+"""MATH: competition mathematics with LaTeX answers (Hendrycks et al. 2021, arXiv 2103.03874).
+
+Layouts accepted (local ``.jsonl``/``.json``/``.parquet`` or a hub id):
+- MATH: ``problem`` (str), ``solution`` (str whose last ``\\boxed{}`` is the answer), ``level`` ("Level 3"),
+  ``type`` ("Algebra");
+- MATH-500 style: the same plus ``answer`` (str), ``subject`` instead of ``type``, ``unique_id``.
+
+Verification: the completion's answer is its last ``\\boxed{}`` (``extraction="strict"``; none → ``wrong_format``);
+with ``extraction="flexible"`` a completion without a box is searched by math-verify for any final answer.
+Equivalence is math-verify's (fractions, radicals, sets, intervals, matrices, ``\\text{}`` units, percent,
+degrees), run in a child process with a wall-clock limit (see ``passk_rl.verify.math_equiv``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+from passk_rl.tasks.base import Prompt, Status, Task, Verdict, register_task
+from passk_rl.tasks.gsm8k import EXTRACTIONS, content_id, make_prompt, verdict_from_check
+from passk_rl.tasks.loaders import DatasetTask, FileSpec, Row
+from passk_rl.verify.math_equiv import LazyMathChecker, last_boxed
+
+MATH_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+LAYOUT = "MATH layout: problem (str), solution (str with \\boxed{answer}), level ('Level N'), type (str)"
+
+
+def parse_level(row: Row) -> Optional[int]:
+    """``"Level 3"`` / ``3`` / ``"3"`` → 3; ``"Level ?"`` or absent → None; anything else → DataError."""
+    v = row.data.get("level")
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise row.error(f"field 'level' should be 'Level N' or an int, got {v!r}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(?:level\s*)?(\d+|\?)\s*", v, re.IGNORECASE)
+        if m:
+            return None if m.group(1) == "?" else int(m.group(1))
+    raise row.error(f"field 'level' should be 'Level N' or an int, got {type(v).__name__} {v!r}")
+
+
+@register_task("math")
+class MATHTask(DatasetTask, Task):
+    """MATH (or MATH-500) from local files or the hub.
+
+    Args:
+        train_files, test_files, dataset, dataset_config, limit: as for ``gsm8k``.
+        prompt_template: format string with ``{problem}``.
+        system_prompt, chat: as for ``gsm8k``.
+        levels: keep only these difficulty levels (e.g. ``[1, 2, 3]``); None keeps all.
+        types: keep only these subjects (``type`` or ``subject`` field); None keeps all.
+        extraction: ``strict`` (last ``\\boxed{}``) or ``flexible``.
+        check_timeout_s: wall-clock limit of one math-verify check.
+    """
+
+    name = "math"
+    continuous = False
+
+    def __init__(
+        self,
+        train_files: FileSpec = None,
+        test_files: FileSpec = None,
+        dataset: Optional[str] = "DigitalLearningGmbH/MATH-lighteval",
+        dataset_config: Optional[str] = "default",
+        prompt_template: str = MATH_TEMPLATE,
+        system_prompt: Optional[str] = None,
+        chat: bool = True,
+        levels: Optional[Sequence[int]] = None,
+        types: Optional[Sequence[str]] = None,
+        extraction: str = "strict",
+        check_timeout_s: float = 5.0,
+        limit: Optional[int] = None,
+    ):
+        if extraction not in EXTRACTIONS:
+            raise ValueError(f"task math: extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+        if "{problem}" not in prompt_template:
+            raise ValueError(f"task math: prompt_template must contain '{{problem}}', got {prompt_template!r}")
+        self._init_source(train_files=train_files, test_files=test_files, dataset=dataset,
+                          dataset_config=dataset_config, limit=limit)
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.chat = chat
+        self.levels = None if levels is None else {int(x) for x in levels}
+        self.types = None if types is None else {str(t).lower() for t in types}
+        self.extraction = extraction
+        self.checker = LazyMathChecker(timeout_s=check_timeout_s)
+
+    def _row_to_prompt(self, row: Row, split: str) -> Optional[Prompt]:
+        problem = row.get("problem", str, layout=LAYOUT)
+        if not problem.strip():
+            raise row.error("field 'problem' is empty")
+        answer = row.get("answer", (str, int, float), layout=LAYOUT, required=False)
+        solution = row.get("solution", str, layout=LAYOUT, required=answer is None)
+        if answer is None:
+            answer = last_boxed(solution)
+            if answer is None:
+                raise row.error(f"field 'solution' has no \\boxed{{...}} answer and there is no 'answer' field "
+                                f"({LAYOUT})")
+        answer = str(answer).strip()
+        if not answer:
+            raise row.error("the reference answer is empty")
+        level = parse_level(row)
+        subject = row.get("type", str, layout=LAYOUT, required=False) or row.get(
+            "subject", str, layout=LAYOUT, required=False)
+        if self.levels is not None and level not in self.levels:
+            return None
+        if self.types is not None and (subject or "").lower() not in self.types:
+            return None
+        pid = row.data.get("unique_id")
+        pid = f"math-{pid}" if isinstance(pid, str) and pid else content_id("math", problem)
+        text = self.prompt_template.format(problem=problem)
+        return make_prompt(pid, text, answer, chat=self.chat, system_prompt=self.system_prompt,
+                           meta={"source": row.source, "row": row.index, "split": split, "level": level,
+                                 "type": subject, "solution": solution or ""})
+
+    def verify(self, prompt: Prompt, completion: str) -> Verdict:
+        pred = last_boxed(completion)
+        if pred is not None:
+            return verdict_from_check(self.checker.check(str(prompt.answer), pred), how="boxed")
+        if self.extraction == "strict":
+            return Verdict(0.0, Status.WRONG_FORMAT.value, "no \\boxed{} answer in the completion")
+        return verdict_from_check(self.checker.check(str(prompt.answer), completion, pred_mode="any"), how="any")
+
+    def warmup(self) -> None:
+        self.checker.warmup()
+
+    def interrupt(self) -> None:
+        self.checker.interrupt()
+
+    def close(self) -> None:
+        self.checker.close()

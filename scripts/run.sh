@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The default run, end to end: installs everything (./.venv), builds the tiny base model on first use, starts a
+# local Ray cluster with its dashboard, submits the training job with `ray job submit`, streams its progress,
+# and stops the cluster it started. Extra arguments are config overrides, e.g. `bash scripts/run.sh run.steps=5`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${CONFIG:-configs/tiny_cpu.yaml}
+bash scripts/setup_env.sh
+export PATH="$PWD/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
+ROOT=$PWD
+# Free ports picked now, so a cluster someone else runs on this machine is never touched.
+read -r GCS_PORT DASH_PORT < <(python - <<'PY'
+import socket
+ports = []
+socks = []
+for _ in range(2):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); socks.append(s)
+print(*ports)
+PY
+)
+TMP=$(mktemp -d /tmp/passk_rl_ray.XXXX)
+echo "[run] starting a local Ray cluster (dashboard http://127.0.0.1:$DASH_PORT)"
+# --block keeps the head in one process group that we own: killing it stops exactly this cluster.
+setsid ray start --head --block --port "$GCS_PORT" --include-dashboard true --dashboard-host 127.0.0.1 \
+  --dashboard-port "$DASH_PORT" --num-cpus "${PASSK_RL_NUM_CPUS:-4}" --temp-dir "$TMP" --disable-usage-stats \
+  > "$TMP/ray_head.log" 2>&1 &
+HEAD_PID=$!
+cleanup() {
+  echo "[run] stopping the Ray cluster started by this script"
+  kill -TERM -- "-$HEAD_PID" 2>/dev/null || true
+  for _ in $(seq 1 30); do kill -0 "$HEAD_PID" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$HEAD_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 1 120); do
+  if ray job list --address "http://127.0.0.1:$DASH_PORT" >/dev/null 2>&1; then break; fi
+  kill -0 "$HEAD_PID" 2>/dev/null || { echo "[run] Ray failed to start:"; cat "$TMP/ray_head.log"; exit 1; }
+  sleep 1
+done
+echo "[run] dashboard: http://127.0.0.1:$DASH_PORT   (jobs, actors, logs; metrics: ray_passk_rl_* on the metrics export)"
+python - "$CONFIG" "$@" <<'PY'
+import sys
+from passk_rl.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[2:])   # bad config: fail here, before the job starts
+PY
+RUN_NAME=$(python -c "import sys; from passk_rl.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).run.name)" "$CONFIG" "$@")
+ray job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir . \
+  --runtime-env-json "{\"excludes\": [\".venv\", \"runs\", \".git\"]}" \
+  -- python -m passk_rl.launch --config "$CONFIG" "run.output_dir=$ROOT/runs" "$@"
+echo "[run] metrics: $ROOT/runs/$RUN_NAME/metrics.jsonl   summary: $ROOT/runs/$RUN_NAME/summary.json"
+if [ -f "$ROOT/runs/$RUN_NAME/pass_at_k.png" ]; then echo "[run] plot: $ROOT/runs/$RUN_NAME/pass_at_k.png"; fi
