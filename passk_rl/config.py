@@ -83,6 +83,7 @@ class TaskConfig:
 class DataConfig:
     prompts_per_step: int = 16
     shuffle: bool = True
+    max_prompts: int = 0  # train on the first N prompts of the split only (0: all of them)
 
 
 @dataclasses.dataclass
@@ -326,6 +327,7 @@ def _positive(cfg: Config) -> None:
     checks = {
         "run.steps": cfg.run.steps >= 0,
         "data.prompts_per_step": cfg.data.prompts_per_step >= 1,
+        "data.max_prompts": cfg.data.max_prompts >= 0,
         "generator.num_engines": cfg.generator.num_engines >= 1,
         "generator.tensor_parallel_size": cfg.generator.tensor_parallel_size >= 1,
         "generator.n": cfg.generator.n >= 1,

@@ -294,23 +294,47 @@ def pass_at_k_curve(
         )
     per = pass_at_k(na[:, None], ca[:, None], ks_arr[None, :])  # (P, K)
     per = np.asarray(per, dtype=np.float64).reshape(na.size, ks_arr.size)
-    mean = per.mean(axis=0)
-    p = na.size
-    if n_boot == 0:
-        lo = hi = mean.copy()
-    else:
-        rng = np.random.default_rng(seed)
-        stats = np.empty((n_boot, ks_arr.size), dtype=np.float64)
-        rows = max(1, _MAX_CELLS // p)
-        for start in range(0, n_boot, rows):
-            b = min(rows, n_boot - start)
-            draws = rng.integers(0, p, size=(b, p))
-            offsets = (np.arange(b) * p)[:, None]
-            counts = np.bincount((draws + offsets).ravel(), minlength=b * p).reshape(b, p)
-            stats[start : start + b] = counts @ per / p
-        alpha = (1.0 - ci) / 2.0
-        lo, hi = np.quantile(stats, [alpha, 1.0 - alpha], axis=0)
+    mean, lo, hi = _bootstrap_mean(per, n_boot=n_boot, ci=ci, seed=seed)
     return PassAtKCurve(
-        ks=ks_arr, mean=mean, lo=np.asarray(lo), hi=np.asarray(hi), per_problem=per,
-        n_problems=int(p), n_boot=int(n_boot), ci=float(ci),
+        ks=ks_arr, mean=mean, lo=lo, hi=hi, per_problem=per,
+        n_problems=int(na.size), n_boot=int(n_boot), ci=float(ci),
     )
+
+
+def _bootstrap_mean(per: np.ndarray, *, n_boot: int, ci: float, seed: int):
+    """Column means of ``per`` (P, K) and their percentile-bootstrap interval over the P rows."""
+    mean = per.mean(axis=0)
+    p = per.shape[0]
+    if n_boot == 0:
+        return mean, mean.copy(), mean.copy()
+    rng = np.random.default_rng(seed)
+    stats = np.empty((n_boot, per.shape[1]), dtype=np.float64)
+    rows = max(1, _MAX_CELLS // p)
+    for start in range(0, n_boot, rows):
+        b = min(rows, n_boot - start)
+        draws = rng.integers(0, p, size=(b, p))
+        offsets = (np.arange(b) * p)[:, None]
+        counts = np.bincount((draws + offsets).ravel(), minlength=b * p).reshape(b, p)
+        stats[start : start + b] = counts @ per / p
+    alpha = (1.0 - ci) / 2.0
+    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha], axis=0)
+    return mean, np.asarray(lo), np.asarray(hi)
+
+
+def pass_at_k_paired_diff(
+    n: Any, c_before: Any, c_after: Any, ks: Sequence[int], *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> PassAtKCurve:
+    """Mean over problems of pass@k(after) − pass@k(before) on the *same* problems, with a paired bootstrap.
+
+    Resampling problems jointly keeps the per-problem pairing, so the interval reflects only how the change
+    varies across problems — much narrower than comparing two independent intervals when problem difficulty
+    dominates the spread. ``n`` (P,) or scalar; ``c_before``/``c_after`` (P,) correct counts out of n.
+    """
+    a = pass_at_k_curve(n, c_before, ks, n_boot=0)
+    b = pass_at_k_curve(n, c_after, ks, n_boot=0)
+    if a.n_problems != b.n_problems:
+        raise ValueError(f"pass_at_k_paired_diff: {a.n_problems} problems before but {b.n_problems} after")
+    per = b.per_problem - a.per_problem
+    mean, lo, hi = _bootstrap_mean(per, n_boot=n_boot, ci=ci, seed=seed)
+    return PassAtKCurve(ks=a.ks, mean=mean, lo=lo, hi=hi, per_problem=per, n_problems=a.n_problems,
+                        n_boot=int(n_boot), ci=float(ci))

@@ -71,7 +71,7 @@ class DashboardMetrics:
     """
 
     GAUGES = {
-        "p_hat_global": "global p̂ (central estimator)",
+        "p_hat_global": "global p_hat (central estimator)",
         "k": "K used for shaping",
         "reward_mean": "mean reward of the step's samples",
         "samples_per_s": "samples per second (whole step)",
@@ -87,7 +87,13 @@ class DashboardMetrics:
         self.gauges = {k: Gauge(f"passk_rl_{k}", description=d, tag_keys=tags) for k, d in self.GAUGES.items()}
         self.phase = Gauge("passk_rl_phase_seconds", description="seconds per phase", tag_keys=("run", "phase"))
         self.passk = Gauge("passk_rl_batch_pass_at_k", description="batch pass@k (unbiased)", tag_keys=("run", "k"))
+        self.eval_passk = Gauge("passk_rl_eval_pass_at_k", description="held-out pass@k (unbiased)",
+                                tag_keys=("run", "k"))
         self.pass_ks = pass_ks
+
+    def report_eval(self, result: Dict[str, Any]) -> None:
+        for k, v in result.get("pass_at_k", {}).items():
+            self.eval_passk.set(float(v["mean"]), tags={"run": self.run, "k": str(k)})
 
     def report(self, record: Dict[str, Any]) -> None:
         for key, g in self.gauges.items():

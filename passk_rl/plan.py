@@ -81,7 +81,17 @@ def model_spec(cfg: Config) -> ModelSpec:
         return cfg.model.spec
     if cfg.model.path in KNOWN_MODELS:
         return KNOWN_MODELS[cfg.model.path]
-    cfg_file = Path(cfg.model.path) / "config.json"
+    path = cfg.model.path
+    if path.startswith("builtin:"):
+        from passk_rl.tasks.make_base import base_model_dir, make_recipe
+
+        path = str(base_model_dir(seed=0))
+        if not (Path(path) / "config.json").is_file():  # not built yet: the recipe's numbers (vocab ≤ 64)
+            r = make_recipe()
+            head_dim = r.hidden_size // r.num_heads
+            params = r.num_layers * 12 * r.hidden_size ** 2 + 2 * 64 * r.hidden_size
+            return ModelSpec(params / 1e9, r.num_layers, r.hidden_size, r.num_heads, head_dim, 64)
+    cfg_file = Path(path) / "config.json"
     if cfg_file.is_file():
         hf = json.loads(cfg_file.read_text())
         hidden = hf["hidden_size"]

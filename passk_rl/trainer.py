@@ -26,15 +26,21 @@ from passk_rl.metrics import PHASES, JsonlWriter, PhaseTimer, batch_pass_at_k
 from passk_rl.tasks import STATUSES, Prompt, make_task
 
 
-def resolve_model_path(path: str, *, seed: int) -> str:
-    """``builtin:arith-base`` → the cached tiny base model (built on first use); else the path as given."""
+def resolve_model_path(path: str, *, log: Any = None) -> str:
+    """``builtin:arith-base`` → the cached tiny base model (built on first use); else the path as given.
+
+    The built-in model is always the seed-0 build, whatever the run's seed: runs with different seeds then start
+    from the same base, which is what comparing their final pass@k against the base needs.
+    """
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name != "arith-base":
             raise ValueError(f"model.path: unknown built-in model {name!r}; known: ['arith-base']")
-        from passk_rl.tasks.make_base import ensure_base_model
+        from passk_rl.tasks.make_base import base_model_dir, ensure_base_model, is_complete
 
-        return str(ensure_base_model(seed=seed))
+        if not is_complete(base_model_dir(seed=0)) and log is not None:
+            log("building the tiny base model (first use only; a few minutes on 2 cores) ...")
+        return str(ensure_base_model(seed=0, log=log))
     p = Path(path)
     if p.exists():
         if not (p / "config.json").is_file():
@@ -58,7 +64,9 @@ def init_ray(cfg: Config) -> bool:
     # Worker processes import passk_rl/actors/cluster: make the repo importable for them too.
     root = str(Path(__file__).resolve().parent.parent)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                        "TOKENIZERS_PARALLELISM": "false"}}
+                        "TOKENIZERS_PARALLELISM": "false",
+                        # vLLM's per-request INFO lines would bury the run's own status line in the job log.
+                        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
     if in_job:
         ray.init(address="auto", runtime_env=env)
         return False
@@ -68,6 +76,18 @@ def init_ray(cfg: Config) -> bool:
         return True
     ray.init(address=cfg.cluster.address, runtime_env=env)
     return False
+
+
+def paired_change(before: Dict[str, Any], after: Dict[str, Any], *, seed: int = 0) -> Dict[str, Any]:
+    """Per-k change in held-out pass@k between two evaluations of the same prompts, with a paired bootstrap
+    interval over prompts: {"k": {"mean", "lo", "hi"}}."""
+    from passk_rl.estimators import pass_at_k_paired_diff
+
+    if before["prompt_ids"] != after["prompt_ids"] or before["n"] != after["n"]:
+        raise ValueError("paired_change: the two evaluations used different prompts or n")
+    ks = [int(k) for k in before["pass_at_k"] if k in after["pass_at_k"]]
+    r = pass_at_k_paired_diff(before["n"], before["counts"], after["counts"], ks, seed=seed)
+    return {str(k): {"mean": float(r.mean[i]), "lo": float(r.lo[i]), "hi": float(r.hi[i])} for i, k in enumerate(ks)}
 
 
 class Trainer:
@@ -94,10 +114,12 @@ class Trainer:
         # Everything that can fail on bad input happens before any actor starts.
         self.task = make_task(cfg.task.name, **cfg.task.params)
         self.train_prompts = self.task.prompts(cfg.task.train_split)
+        if cfg.data.max_prompts:
+            self.train_prompts = self.train_prompts[: cfg.data.max_prompts]
         self.eval_prompts = self.task.prompts(cfg.task.eval_split)[: cfg.eval.num_prompts]
         if not self.train_prompts:
             raise ValueError(f"task {cfg.task.name!r} has no prompts in split {cfg.task.train_split!r}")
-        self.model_path = resolve_model_path(cfg.model.path, seed=cfg.run.seed)
+        self.model_path = resolve_model_path(cfg.model.path, log=self.log)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -137,8 +159,10 @@ class Trainer:
             dict(model_path=self.model_path, device=cfg.cluster.device, seed=cfg.run.seed,
                  kv_cache_bytes=int(g.kv_cache_gib * 2**30), max_model_len=cfg.model.max_model_len,
                  dtype=cfg.model.dtype, tensor_parallel_size=g.tensor_parallel_size, enforce_eager=g.enforce_eager,
+                 gpu_memory_utilization=g.gpu_memory_utilization, max_num_seqs=g.max_num_seqs,
                  transport=self.transport),
-            device=cfg.cluster.device, num_cpus_per_engine=g.num_cpus_per_engine, placement_group=self.placement.generator_pg,
+            device=cfg.cluster.device, num_cpus_per_engine=g.num_cpus_per_engine,
+            placement_group=self.placement.generator_pg, bundle_indices=list(range(g.num_engines)),
         )
         L = cfg.learner
         self.learner = LearnerGroup(
@@ -147,7 +171,9 @@ class Trainer:
             weight_decay=L.weight_decay, betas=tuple(L.betas), grad_clip=L.grad_clip,
             micro_batch_size=L.micro_batch_size, clip_low=L.clip_low, clip_high=L.clip_high,
             aggregation=L.aggregation, kl_coef=L.kl_coef, kl_estimator=L.kl_estimator, ref_model=L.kl_coef > 0,
-            temperature=g.temperature,
+            # The generator reports raw (temperature-1) logprobs, so the learner scores at temperature 1 too:
+            # the PPO ratio is then exactly 1 on the first epoch when weights are in sync.
+            temperature=1.0,
             gradient_checkpointing=L.gradient_checkpointing, seed=cfg.run.seed,
             bf16=cfg.model.dtype == "bfloat16",
         )
@@ -183,6 +209,7 @@ class Trainer:
             self.save_checkpoint(cfg.run.steps, final=True)
         if cfg.eval.enabled:
             summary["final_eval"] = self.evaluate(step=cfg.run.steps)
+            summary["change"] = paired_change(summary["base_eval"], summary["final_eval"], seed=cfg.run.seed)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.print_summary(summary)
         return summary
@@ -208,9 +235,15 @@ class Trainer:
             for s, c in status_counts.items():
                 self.status_totals[s] += c
         with timer.phase("stats"):
-            decision = ray.get(self.phat.observe.remote([p.id for p in prompts], rewards, step=step))
+            verified = np.array([v.status not in ("timeout", "error") for v in verdicts]).reshape(rewards.shape)
+            decision = ray.get(self.phat.observe.remote([p.id for p in prompts], rewards, step=step,
+                                                        verified=verified))
         with timer.phase("shape"):
-            advantages = self.shape(rewards, decision)
+            k_used = self.admissible_k(decision.k)
+            advantages = self.shape(rewards, decision, k_used)
+            # A sample whose verifier timed out or crashed has no verdict: its reward of 0 stays in the group's
+            # baseline, but it is not pushed down as if it were wrong.
+            advantages = np.where(verified, advantages, 0.0)
         with timer.phase("update"):
             batch = [
                 {"prompt_token_ids": s.prompt_token_ids, "response_token_ids": s.token_ids,
@@ -226,10 +259,12 @@ class Trainer:
             gen_tokens = sum(len(s.token_ids) for group in samples for s in group)
             record: Dict[str, Any] = {
                 "step": step,
-                "k": decision.k,
+                "k": k_used,
+                "k_schedule": decision.k,
                 "k_weights": decision.k_weights,
                 "p_hat_global": decision.p_global,
                 "p_hat_samples": decision.total_samples,
+                "verified_samples": int(verified.sum()),
                 "reward_mean": float(rewards.mean()),
                 **batch_pass_at_k(rewards, cfg.logging.pass_at_ks),
                 "verifier_status": status_counts,
@@ -249,20 +284,32 @@ class Trainer:
             self.dash.report.remote(record)
         if cfg.logging.console_every and step % cfg.logging.console_every == 0:
             ks = " ".join(f"pass@{k}={record[f'pass@{k}']:.3f}" for k in cfg.logging.pass_at_ks if f"pass@{k}" in record)
-            self.log(f"step {step}/{cfg.run.steps}  K={decision.k}  p̂={decision.p_global:.3f}  "
+            self.log(f"step {step}/{cfg.run.steps}  K={k_used}  p̂={decision.p_global:.3f}  "
                      f"reward={record['reward_mean']:.3f}  {ks}  fail={record['verifier_failures']}  "
                      f"{record['step_seconds']:.1f}s ({record['samples_per_s']:.1f} samples/s)")
         return record
 
-    def shape(self, rewards: np.ndarray, decision: Any) -> np.ndarray:
+    def admissible_k(self, k: int) -> int:
+        """The schedule's K moved into the range the configured shaping accepts for n samples per prompt
+        (e.g. ``pkpo_loo_minus_one`` needs 2 ≤ K ≤ n − 1); shaping-agnostic schedules need not know it."""
+        info = shaping.info(self.cfg.algorithm.shaping)
+        if not info.uses_k:
+            return int(k)
+        n = self.cfg.generator.n
+        hi = n - 1 if info.needs_k_le_n_minus_1 else n
+        return int(min(max(int(k), info.min_k), hi))
+
+    def shape(self, rewards: np.ndarray, decision: Any, k: int) -> np.ndarray:
         a = self.cfg.algorithm
         params = dict(a.shaping_params)
-        if a.shaping == "multi_k" and decision.k_weights:
-            params["weights"] = decision.k_weights
+        if a.shaping == "multi_k":
+            if decision.k_weights:
+                params["weights"] = decision.k_weights
+            k = 1  # multi_k takes its Ks from the weights
         p_hat = None
         if a.p_hat_source == "estimator" and shaping.info(a.shaping).uses_p_hat:
             p_hat = torch.tensor(decision.p_hat, dtype=torch.float64)
-        adv = shaping.shape(a.shaping, torch.tensor(rewards, dtype=torch.float64), k=decision.k, p_hat=p_hat, **params)
+        adv = shaping.shape(a.shaping, torch.tensor(rewards, dtype=torch.float64), k=k, p_hat=p_hat, **params)
         return adv.numpy()
 
     def sync_probe(self, sample: Dict[str, Any]) -> float:
@@ -279,9 +326,13 @@ class Trainer:
         t0 = time.perf_counter()
         res = evaluate_pool(self.gen, self.verifier, self.task, self.eval_prompts, tokenizer=self.tokenizer,
                             n=e.n, ks=e.ks, temperature=e.temperature, max_tokens=self.cfg.generator.max_tokens,
-                            seed=self.cfg.run.seed + 7919 * step)
+                            # The same sampling seeds at every evaluation (common random numbers): the
+                            # difference between two evaluations then carries less sampling noise.
+                            seed=self.cfg.run.seed + 7919)
         res["step"] = step
         res["seconds"] = time.perf_counter() - t0
+        if self.dash is not None:
+            self.dash.report_eval.remote(res)
         out = self.run_dir / "eval"
         out.mkdir(exist_ok=True)
         (out / f"step_{step:06d}.json").write_text(json.dumps(res, indent=2))
@@ -313,8 +364,10 @@ class Trainer:
         for k in self.cfg.eval.ks:
             b = summary["base_eval"]["pass_at_k"][str(k)]
             f = summary["final_eval"]["pass_at_k"][str(k)]
+            d = summary["change"][str(k)]
             lines.append(f"  pass@{k:<4} {b['mean']:.3f} [{b['lo']:.3f}, {b['hi']:.3f}]  →  "
-                         f"{f['mean']:.3f} [{f['lo']:.3f}, {f['hi']:.3f}]   ({f['mean'] - b['mean']:+.3f})")
+                         f"{f['mean']:.3f} [{f['lo']:.3f}, {f['hi']:.3f}]   change {d['mean']:+.3f} "
+                         f"[{d['lo']:+.3f}, {d['hi']:+.3f}] (paired, same prompts and sampling seeds)")
         lines.append(f"run directory: {self.run_dir.resolve()}")
         self.log("\n".join(lines))
 

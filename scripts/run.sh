@@ -19,6 +19,10 @@ print(*ports)
 PY
 )
 TMP=$(mktemp -d /tmp/passk_rl_ray.XXXX)
+# Ray 2.60 turns token authentication on for a new cluster when ~/.ray/auth_token exists, and the job CLI then
+# needs the token too: give this private cluster its own token, shared only with our own CLI calls and the job.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(python -c 'import secrets; print(secrets.token_hex(32))')"
+( umask 077; printf '%s\n' "$RAY_AUTH_TOKEN" > "$TMP/auth_token" )
 echo "[run] starting a local Ray cluster (dashboard http://127.0.0.1:$DASH_PORT)"
 # --block keeps the head in one process group that we own: killing it stops exactly this cluster.
 setsid ray start --head --block --port "$GCS_PORT" --include-dashboard true --dashboard-host 127.0.0.1 \
@@ -37,7 +41,7 @@ for _ in $(seq 1 120); do
   kill -0 "$HEAD_PID" 2>/dev/null || { echo "[run] Ray failed to start:"; cat "$TMP/ray_head.log"; exit 1; }
   sleep 1
 done
-echo "[run] dashboard: http://127.0.0.1:$DASH_PORT   (jobs, actors, logs; metrics: ray_passk_rl_* on the metrics export)"
+echo "[run] dashboard: http://127.0.0.1:$DASH_PORT   (jobs, actors, logs; it asks for the token in $TMP/auth_token)"
 python - "$CONFIG" "$@" <<'PY'
 import sys
 from passk_rl.config import load_config

@@ -198,3 +198,23 @@ def test_curve_errors():
         pass_at_k_curve([8], [1], [1], n_boot=-1)
     with pytest.raises(ValueError, match="c must be <= n"):
         pass_at_k_curve([8], [9], [1])
+
+
+def test_paired_diff_matches_difference_of_means_and_is_tighter():
+    from passk_rl.estimators import pass_at_k_curve, pass_at_k_paired_diff
+
+    rng = np.random.default_rng(5)
+    p = rng.beta(0.5, 1.5, size=300)
+    before = rng.binomial(32, p)
+    after = rng.binomial(32, np.clip(p + 0.03, 0, 1))
+    ks = [1, 8, 32]
+    d = pass_at_k_paired_diff(32, before, after, ks, n_boot=500, seed=1)
+    a, b = pass_at_k_curve(32, before, ks, n_boot=500, seed=1), pass_at_k_curve(32, after, ks, n_boot=500, seed=1)
+    np.testing.assert_allclose(d.mean, b.mean - a.mean, atol=1e-12)
+    assert np.all(d.lo <= d.mean) and np.all(d.mean <= d.hi)
+    # pairing removes the spread of problem difficulty from the interval
+    assert np.all(d.hi - d.lo < (a.hi - a.lo) + (b.hi - b.lo))
+    same = pass_at_k_paired_diff(32, before, before, ks, n_boot=100)
+    assert np.all(same.mean == 0) and np.all(same.lo == 0) and np.all(same.hi == 0)
+    with pytest.raises(ValueError):
+        pass_at_k_paired_diff(32, before, after[:-1], ks)

@@ -1,0 +1,198 @@
+"""Figures for evaluations and runs (matplotlib, Agg backend: no display needed).
+
+- ``plot_pass_at_k(curves, path)``: pass@k vs k (log2 x axis) for several models, 95 % bootstrap bands.
+- ``plot_pareto(points, path, k=K)``: pass@1 vs pass@K per run/method, with error bars (the seed's phase 2 plot).
+- ``plot_run(run_dir)``: ``run_dir/pass_at_k.png`` (base, periodic and final held-out evaluations) and
+  ``run_dir/training.png`` (reward, K, p̂ and batch pass@k vs step from ``metrics.jsonl``).
+
+Every function returns the path(s) it wrote. Curves are the dicts written by ``passk_rl.evaluate``:
+``{"pass_at_k": {k: {"mean", "lo", "hi"}}}`` with k as int or str.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless machines and Ray workers have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+Interval = Tuple[float, float, float]  # (mean, lo, hi)
+
+__all__ = ["plot_pass_at_k", "plot_pareto", "plot_run", "curve_points", "read_jsonl"]
+
+
+def curve_points(curve: Mapping[str, Any]) -> Tuple[List[int], List[float], List[float], List[float]]:
+    """(ks, means, los, his) of one ``{"pass_at_k": {k: {mean, lo, hi}}}`` dict, sorted by k."""
+    if "pass_at_k" not in curve:
+        raise ValueError(f"curve has no 'pass_at_k' entry (keys: {sorted(curve)})")
+    rows = sorted((int(k), v) for k, v in curve["pass_at_k"].items())
+    if not rows:
+        raise ValueError("curve has an empty 'pass_at_k' entry")
+    ks = [k for k, _ in rows]
+    mean = [float(v["mean"]) for _, v in rows]
+    lo = [float(v.get("lo", v["mean"])) for _, v in rows]
+    hi = [float(v.get("hi", v["mean"])) for _, v in rows]
+    return ks, mean, lo, hi
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_pass_at_k(curves: Mapping[str, Mapping[str, Any]], path: str | Path, title: Optional[str] = None) -> Path:
+    """One figure: pass@k vs k for every label in ``curves``, log2 x axis, shaded 95 % CI bands."""
+    if not curves:
+        raise ValueError("plot_pass_at_k: no curves to plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    all_ks: set = set()
+    for label, curve in curves.items():
+        ks, mean, lo, hi = curve_points(curve)
+        all_ks.update(ks)
+        (line,) = ax.plot(ks, mean, marker="o", ms=3.5, lw=1.6, label=str(label))
+        ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+    ticks = sorted(all_ks)
+    if len(ticks) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(k) for k in ticks])
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("pass@k (unbiased estimate)")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "held-out pass@k (bands: 95 % bootstrap CI over problems)", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def plot_pareto(points: Mapping[str, Tuple[Interval, Interval]], path: str | Path, k: int,
+                title: Optional[str] = None) -> Path:
+    """pass@1 (x) vs pass@k (y) per label; ``points[label] = ((mean, lo, hi) at 1, (mean, lo, hi) at k)``."""
+    if not points:
+        raise ValueError("plot_pareto: no points to plot")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, (p1, pk) in points.items():
+        (m1, lo1, hi1), (mk, lok, hik) = (tuple(map(float, p1)), tuple(map(float, pk)))
+        ax.errorbar([m1], [mk], xerr=[[max(m1 - lo1, 0.0)], [max(hi1 - m1, 0.0)]],
+                    yerr=[[max(mk - lok, 0.0)], [max(hik - mk, 0.0)]], fmt="o", ms=5, capsize=3, label=str(label))
+    ax.set_xlabel("pass@1")
+    ax.set_ylabel(f"pass@{k}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or f"pass@1 vs pass@{k} (error bars: 95 % CI over problems)", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def read_jsonl(path: str | Path) -> List[Dict[str, Any]]:
+    """Rows of a JSON-lines file; a malformed row raises ValueError naming the file and line."""
+    out = []
+    p = Path(path)
+    for i, line in enumerate(p.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {i} is not valid JSON: {e}") from None
+    return out
+
+
+def _run_curves(run_dir: Path) -> Dict[str, Dict[str, Any]]:
+    """Labelled held-out curves of a run: base, periodic evals from ``eval/``, final (in step order)."""
+    summary: Dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    periodic: Dict[int, Dict[str, Any]] = {}
+    for f in sorted((run_dir / "eval").glob("step_*.json")) if (run_dir / "eval").is_dir() else []:
+        d = json.loads(f.read_text())
+        if "pass_at_k" in d:
+            periodic[int(d.get("step", int(f.stem.split("_")[1])))] = d
+    curves: Dict[str, Dict[str, Any]] = {}
+    base = summary.get("base_eval")
+    final = summary.get("final_eval")
+    base_step = int(base.get("step", 0)) if base else None
+    final_step = int(final["step"]) if final and "step" in final else None
+    if base is not None:
+        curves["base (step 0)"] = base
+    for step in sorted(periodic):
+        if step in (base_step, final_step) or (base is not None and step == 0):
+            continue  # the same evaluation as the base/final entry of summary.json
+        if final is not None and final_step is None and step == max(periodic):
+            continue
+        curves[f"step {step}"] = periodic[step]
+    if final is not None:
+        curves[f"final (step {final_step})" if final_step is not None else "final"] = final
+    return curves
+
+
+def plot_run(run_dir: str | Path) -> List[Path]:
+    """Write ``pass_at_k.png`` (held-out curves) and ``training.png`` (metrics.jsonl) into ``run_dir``.
+
+    Either figure is skipped when its input is missing; a run directory with neither raises ValueError.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"plot_run: run directory {run_dir} does not exist")
+    written: List[Path] = []
+    curves = _run_curves(run_dir)
+    if curves:
+        written.append(plot_pass_at_k(curves, run_dir / "pass_at_k.png", title=f"{run_dir.name}: held-out pass@k"))
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = read_jsonl(metrics)
+        if rows:
+            written.append(_plot_training(rows, run_dir / "training.png", title=run_dir.name))
+    if not written:
+        raise ValueError(f"plot_run: {run_dir} has neither summary.json/eval/ nor a non-empty metrics.jsonl")
+    return written
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> Tuple[List[int], List[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and "step" in r:
+            xs.append(int(r["step"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _plot_training(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    ax = axes[0][0]
+    ax.plot(*_series(rows, "reward_mean"), lw=1.5)
+    ax.set_ylabel("mean reward (train batch)")
+    ax = axes[0][1]
+    ax.step(*_series(rows, "k"), where="post", lw=1.5, label="K used")
+    xs, ys = _series(rows, "k_schedule")
+    if ys and ys != _series(rows, "k")[1]:
+        ax.step(xs, ys, where="post", lw=1.0, ls="--", label="K asked by schedule")
+    ax.set_ylabel("K")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    ax.plot(*_series(rows, "p_hat_global"), lw=1.5)
+    ax.set_ylabel("global p̂")
+    ax = axes[1][1]
+    keys = sorted({k for r in rows for k in r if k.startswith("pass@")}, key=lambda s: int(s.split("@")[1]))
+    for key in keys:
+        ax.plot(*_series(rows, key), lw=1.3, label=key)
+    ax.set_ylabel("batch pass@k (train prompts)")
+    if keys:
+        ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[0][1].yaxis.set_major_locator(MaxNLocator(integer=True))
+    for a in axes[1]:
+        a.set_xlabel("step")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for a in axes.ravel():
+        a.grid(True, alpha=0.3)
+    fig.suptitle(f"{title}: training metrics", fontsize=11)
+    return _save(fig, path)

@@ -1,0 +1,142 @@
+"""End to end through the real parts: a Ray cluster this test starts, `ray job submit`, the launch entry point,
+a vLLM CPU engine, the verifier pool (with a verifier that raises and one that hangs), DeepSpeed ZeRO-2 over
+gloo with two ranks, and the central p̂ actor. The base model is the built-in one (built on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PHASES = ("generate", "verify", "stats", "shape", "update", "sync", "log")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private Ray head with its dashboard (the job server), stopped by killing its own process group."""
+    gcs, dash = _free_port(), _free_port()
+    tmp = tempfile.mkdtemp(prefix="/tmp/pkr")  # short: Ray's socket paths live under it
+    # The job's `python` is looked up on the head's PATH: make it this interpreter.
+    # Its own auth token: Ray 2.60 enables token auth when ~/.ray/auth_token exists, and the job CLI needs it.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--include-dashboard", "true",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4", "--temp-dir", tmp],
+        stdout=open(Path(tmp) / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True, env=env)
+            if r.returncode == 0:
+                break
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError("Ray head did not start:\n" + (Path(tmp) / "head.log").read_text()[-3000:])
+            time.sleep(1)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _submit(cluster, overrides, timeout: float = 900) -> subprocess.CompletedProcess:
+    address, env = cluster
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "**/__pycache__"]}),
+           "--", "python", "-m", "passk_rl.launch", "--config", "configs/tiny_cpu.yaml", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _tensors(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.e2e
+def test_job_submit_run_with_every_actor_and_failing_verifiers(ray_cluster, tmp_path):
+    import torch
+
+    runs = tmp_path / "runs"
+    faults = "{inner: arith, raise_frac: 0.06, hang_frac: 0.04, hang_s: 600, seed: 1}"
+    proc = _submit(ray_cluster, [
+        "run.name=e2e", "run.steps=2", f"run.output_dir={runs}", "run.checkpoint_interval=1",
+        "data.prompts_per_step=8", "generator.n=8", "task.name=faulty", f"task.params={faults}",
+        "verifier.timeout_s=2", "verifier.num_workers=2", "schedule.params={k_min: 2, k_max: 6, p_target: 0.4}",
+        "eval.n=8", "eval.ks=[1,4]", "eval.num_prompts=16", "logging.pass_at_ks=[1,4,8]",
+    ])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "step 2/2" in out and "held-out pass@k, base → final" in out, out[-3000:]
+
+    run = runs / "e2e"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("k", "p_hat_global", "reward_mean", "pass@1", "pass@4", "pass@8", "verifier_failures",
+                    "verifier_status", "gen_tokens_per_s", "samples_per_s", "step_seconds"):
+            assert key in r, key
+        assert set(PHASES) <= set(r["phase_seconds"]) and all(v >= 0 for v in r["phase_seconds"].values())
+        assert 2 <= r["k"] <= 6
+        assert 0.0 <= r["reward_mean"] <= 1.0 and r["gen_tokens_per_s"] > 0
+        assert sum(r["verifier_status"].values()) == 8 * 8
+        assert r["verifier_failures"] == r["verifier_status"]["timeout"] + r["verifier_status"]["error"]
+        # after the sync the engine scores a completion as the learner does
+        assert r["sync_probe_max_abs_diff"] is not None and r["sync_probe_max_abs_diff"] < 1e-4
+    status = records[-1]["verifier_status_total"]
+    assert status["error"] >= 1 and status["timeout"] >= 1, status  # counted, and the run went on
+    verified = sum(r["verified_samples"] for r in records)
+    assert verified == sum(status[s] for s in ("ok", "wrong_format"))
+    # the central p̂ actor saw exactly the verified samples (timeouts and errors are not evidence)
+    assert records[-1]["p_hat_samples"] == verified
+    phat = torch.load(run / "checkpoints" / "step_000002" / "phat.pt", weights_only=False)
+    assert phat["stats"]["total_samples"] == verified
+
+    # the learner changed the weights, and the exported model is the one the generators ran at the end
+    from passk_rl.tasks.make_base import base_model_dir
+
+    base, final = _tensors(base_model_dir(seed=0)), _tensors(run / "final_model")
+    assert base.keys() == final.keys()
+    assert max(float((base[k] - final[k]).abs().max()) for k in base) > 1e-6
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step_000002" / "learner").is_dir()
+    summary = json.loads((run / "summary.json").read_text())
+    for which in ("base_eval", "final_eval"):
+        ev = summary[which]
+        assert ev["num_prompts"] == 16 and ev["n"] == 8 and sum(ev["verifier_status"].values()) == 16 * 8
+        for k in ("1", "4"):
+            c = ev["pass_at_k"][k]
+            assert 0.0 <= c["lo"] <= c["mean"] <= c["hi"] <= 1.0
+
+
+@pytest.mark.e2e
+def test_bad_config_fails_before_any_actor_starts(tmp_path):
+    """The launch rejects a bad key with its name and exit code 2, without starting Ray."""
+    env = dict(os.environ, RAY_ADDRESS="")
+    r = subprocess.run([sys.executable, "-m", "passk_rl.launch", "--config", "configs/tiny_cpu.yaml",
+                        "learner.zero_stag=3", f"run.output_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "learner.zero_stag" in r.stderr
+    assert not (tmp_path / "tiny-cpu").exists()

@@ -1,0 +1,96 @@
+"""The central p̂ actor's plain class (and once through Ray): ordering, masking, schedules, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.phat import PHatService, actor_name, create_phat_actor
+
+LINEAR = dict(estimator="ema", estimator_params={}, schedule="linear",
+              schedule_params={"k_min": 2, "k_max": 12, "p_target": 0.5}, n=16)
+
+
+def _rewards(rng, p, g=4, n=16):
+    return (rng.random((g, n)) < p).astype(np.float64)
+
+
+def test_p_hat_and_k_do_not_depend_on_the_current_rewards():
+    rng = np.random.default_rng(0)
+    a, b = PHatService(**LINEAR), PHatService(**LINEAR)
+    ids = ["p0", "p1", "p2", "p3"]
+    for step in range(1, 4):
+        r = _rewards(rng, 0.3)
+        a.observe(ids, r, step=step)
+        b.observe(ids, r, step=step)
+    da = a.observe(ids, np.zeros((4, 16)), step=4)
+    db = b.observe(ids, np.ones((4, 16)), step=4)
+    assert da.p_hat == db.p_hat and da.p_global == db.p_global and da.k == db.k
+    # ... but they are folded in afterwards
+    assert a.global_value() < b.global_value()
+
+
+def test_first_step_k_comes_from_the_batch_not_the_prior():
+    lo, hi = PHatService(**LINEAR), PHatService(**LINEAR)
+    d_lo = lo.observe(["a", "b"], np.zeros((2, 16)), step=1)
+    d_hi = hi.observe(["a", "b"], np.ones((2, 16)), step=1)
+    assert d_lo.k == 2 and d_hi.k == 12  # linear schedule at p=0 and p≥p_target
+    assert d_lo.p_hat == [0.5, 0.5]  # per-prompt values before any data: the prior
+
+
+def test_k_follows_the_global_success_rate():
+    svc = PHatService(**LINEAR)
+    rng = np.random.default_rng(1)
+    ks = []
+    for step, p in enumerate([0.05] * 5 + [0.45] * 15, start=1):
+        ks.append(svc.observe([f"q{step % 7}" for _ in range(4)], _rewards(rng, p), step=step).k)
+    assert ks[4] < ks[-1] and all(2 <= k <= 12 for k in ks)
+
+
+def test_unverified_samples_are_not_counted():
+    svc = PHatService(**LINEAR)
+    r = np.ones((2, 16))
+    verified = np.ones((2, 16), dtype=bool)
+    verified[0, :5] = False
+    d = svc.observe(["a", "b"], r, step=1, verified=verified)
+    assert d.total_samples == 32 - 5 == svc.total_samples()
+    with pytest.raises(ValueError, match="mask shape"):
+        svc.observe(["a", "b"], r, step=2, verified=np.ones((2, 15), dtype=bool))
+    with pytest.raises(ValueError, match=r"\(G, n\)"):
+        svc.observe(["a"], r, step=2)
+
+
+def test_state_round_trip_and_mismatch():
+    rng = np.random.default_rng(2)
+    a = PHatService(**LINEAR)
+    for step in range(1, 6):
+        a.observe(["x", "y", "z"], _rewards(rng, 0.2, g=3), step=step)
+    b = PHatService(**LINEAR)
+    b.load_state_dict(a.state_dict())
+    r = _rewards(rng, 0.2, g=3)
+    da, db = a.observe(["x", "y", "w"], r, step=6), b.observe(["x", "y", "w"], r, step=6)
+    assert da == db
+    other = PHatService(**{**LINEAR, "estimator": "global_counts"})
+    with pytest.raises(ValueError, match="estimator"):
+        other.load_state_dict(a.state_dict())
+
+
+def test_multi_k_weights_are_handed_out():
+    svc = PHatService(estimator="global_counts", estimator_params={}, schedule="multi_k",
+                      schedule_params={"weights": {1: 0.5, 8: 0.5}}, n=16)
+    d = svc.observe(["a"], np.zeros((1, 16)), step=1)
+    assert d.k_weights == {1: 0.5, 8: 0.5}
+
+
+def test_named_actor_is_one_per_run():
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        h = create_phat_actor("t-phat", **LINEAR)
+        same = ray.get_actor(actor_name("t-phat"))
+        ray.get(h.observe.remote(["a"], np.ones((1, 16)), step=1))
+        assert ray.get(same.total_samples.remote()) == 16
+        with pytest.raises(ValueError):
+            create_phat_actor("t-phat", **LINEAR)
+    finally:
+        ray.shutdown()
