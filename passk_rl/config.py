@@ -147,7 +147,7 @@ class EstimatorConfig:
 @dataclasses.dataclass
 class ScheduleConfig:
     kind: str = "fixed"
-    params: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"k": 1})
+    params: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"k": 4})
 
 
 @dataclasses.dataclass
@@ -389,6 +389,12 @@ def validate(cfg: Config) -> None:
             f"schedule.params: the schedule can ask for K={k_max} but generator.n={cfg.generator.n}; "
             f"K must not exceed the samples per prompt"
         )
+    if cfg.schedule.kind == "fixed" and cfg.algorithm.shaping != "multi_k":
+        # A fixed K the shaping cannot take would be clamped every step: say so now instead.
+        try:
+            shaping.info(cfg.algorithm.shaping).check_k(cfg.generator.n, sched.next(0.0, step=0, n=cfg.generator.n).k)
+        except ValueError as e:
+            raise ConfigError(f"schedule.params: {e} (generator.n={cfg.generator.n})") from None
     for k in cfg.eval.ks:
         if k < 1 or k > cfg.eval.n:
             raise ConfigError(f"eval.ks: k={k} must be in [1, eval.n={cfg.eval.n}]")

@@ -211,6 +211,12 @@ class Trainer:
             summary["final_eval"] = self.evaluate(step=cfg.run.steps)
             summary["change"] = paired_change(summary["base_eval"], summary["final_eval"], seed=cfg.run.seed)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            from passk_rl.plots import plot_run
+
+            summary["plots"] = [str(p) for p in plot_run(self.run_dir)]
+        except Exception as e:  # the run itself is done and saved; a plotting problem must not lose it
+            self.log(f"plotting failed ({type(e).__name__}: {e}); metrics and summary are saved")
         self.print_summary(summary)
         return summary
 
@@ -369,6 +375,8 @@ class Trainer:
                          f"{f['mean']:.3f} [{f['lo']:.3f}, {f['hi']:.3f}]   change {d['mean']:+.3f} "
                          f"[{d['lo']:+.3f}, {d['hi']:+.3f}] (paired, same prompts and sampling seeds)")
         lines.append(f"run directory: {self.run_dir.resolve()}")
+        for p in summary.get("plots", []):
+            lines.append(f"plot: {p}")
         self.log("\n".join(lines))
 
     @staticmethod
@@ -382,6 +390,11 @@ class Trainer:
                     obj.shutdown()
                 except Exception as e:  # shutting down must not hide the run's own error
                     print(f"[passk_rl] shutdown of {type(obj).__name__} failed: {e}", file=sys.stderr)
+        if self.transport is not None:
+            try:
+                self.transport.cleanup(keep_last=0)  # the published weights in /dev/shm are this run's only
+            except Exception as e:
+                print(f"[passk_rl] cleaning up published weights failed: {e}", file=sys.stderr)
         if self.placement is not None:
             try:
                 self.placement.remove()

@@ -77,3 +77,12 @@ def test_k_larger_than_n_rejected(tmp_path):
 def test_cpu_rejects_tensor_parallel():
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         config_from_dict({"generator": {"tensor_parallel_size": 2}})
+
+
+def test_fixed_k_the_shaping_cannot_take_is_rejected():
+    with pytest.raises(ConfigError, match=r"schedule\.params: .*pkpo_loo_minus_one.*k >= 2"):
+        config_from_dict({"algorithm": {"shaping": "pkpo_loo_minus_one"},
+                          "schedule": {"kind": "fixed", "params": {"k": 1}}})
+    with pytest.raises(ConfigError, match=r"schedule\.params"):
+        config_from_dict({"algorithm": {"shaping": "pkpo_loo"}, "generator": {"n": 8},
+                          "schedule": {"kind": "fixed", "params": {"k": 8}}})
