@@ -45,7 +45,7 @@ class PHatService:
     def observe(self, prompt_ids: Sequence[str], rewards: Any, *, step: int, verified: Any = None) -> PHatDecision:
         """``verified`` (G, n) bool marks samples with a verdict; timeouts and verifier errors (False) are not
         evidence about the policy and are left out of the statistics."""
-        r = torch.as_tensor(np.asarray(rewards, dtype=np.float64))
+        r = torch.from_numpy(np.array(rewards, dtype=np.float64))  # a copy: Ray hands over read-only arrays
         if r.ndim != 2 or r.shape[0] != len(prompt_ids):
             raise ValueError(f"rewards must be (G, n) with G={len(prompt_ids)} prompts; got shape {tuple(r.shape)}")
         mask = None
