@@ -34,7 +34,7 @@ class RunConfig:
     steps: int = 10
     checkpoint_interval: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 1
-    resume: bool = False  # continue from runs/<name>/checkpoints/latest if present
+    resume: bool = False  # continue from the newest checkpoint in runs/<name>/checkpoints (if any)
 
 
 @dataclasses.dataclass

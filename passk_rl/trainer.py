@@ -78,6 +78,14 @@ def init_ray(cfg: Config) -> bool:
     return False
 
 
+def _json_state(state: Any) -> Any:
+    return [_json_state(x) for x in state] if isinstance(state, tuple) else state
+
+
+def _tuple_state(state: Any) -> Any:
+    return tuple(_tuple_state(x) for x in state) if isinstance(state, list) else state
+
+
 def paired_change(before: Dict[str, Any], after: Dict[str, Any], *, seed: int = 0) -> Dict[str, Any]:
     """Per-k change in held-out pass@k between two evaluations of the same prompts, with a paired bootstrap
     interval over prompts: {"k": {"mean", "lo", "hi"}}."""
@@ -195,10 +203,14 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         cfg = self.cfg
         summary: Dict[str, Any] = {"run": cfg.run.name}
+        first = 1
+        if cfg.run.resume:
+            first = self.resume() + 1
         if cfg.eval.enabled:
-            summary["base_eval"] = self.evaluate(step=0)
+            base = self.run_dir / "eval" / "step_000000.json"
+            summary["base_eval"] = json.loads(base.read_text()) if first > 1 and base.is_file() else self.evaluate(step=0)
         t_start = time.perf_counter()
-        for step in range(1, cfg.run.steps + 1):
+        for step in range(first, cfg.run.steps + 1):
             record = self.step(step)
             if cfg.eval.enabled and cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
                 record["eval"] = self.evaluate(step=step)
@@ -355,12 +367,37 @@ class Trainer:
         self.learner.save_checkpoint(str(ck / "learner"), step=step)
         torch.save(ray.get(self.phat.state_dict.remote()), ck / "phat.pt")
         (ck / "driver.json").write_text(json.dumps({"step": step, "order": self.order,
-                                                    "rng": repr(self.rng.getstate())}))
+                                                    "rng": _json_state(self.rng.getstate())}))
         if final:
             self.learner.export_hf(str(self.run_dir / "final_model"))
         ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"))
         for old in ckpts[: -self.cfg.run.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint of this run (learner + optimizer, p̂ actor, data order and RNG, publish
+        its weights to the engines); returns its step, or 0 when there is none. Metrics of later steps that the
+        interrupted run wrote after that checkpoint are dropped so metrics.jsonl stays one record per step."""
+        import ray
+
+        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"))
+        if not ckpts:
+            self.log("run.resume: no checkpoint yet, starting from step 1")
+            return 0
+        ck = ckpts[-1]
+        step = int(ck.name.split("_")[1])
+        self.learner.load_checkpoint(str(ck / "learner"))
+        ray.get(self.phat.load_state_dict.remote(torch.load(ck / "phat.pt", weights_only=False)))
+        driver = json.loads((ck / "driver.json").read_text())
+        self.order = list(driver["order"])
+        self.rng.setstate(_tuple_state(driver["rng"]))
+        self.gen.sync_weights(self.learner.publish_weights(self.transport, step=step))
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.log(f"resumed from {ck} (step {step})")
+        return step
 
     # ---------------------------------------------------------------------------------------- helpers
     def print_summary(self, summary: Dict[str, Any]) -> None:

@@ -140,3 +140,24 @@ def test_bad_config_fails_before_any_actor_starts(tmp_path):
     assert r.returncode == 2
     assert "learner.zero_stag" in r.stderr
     assert not (tmp_path / "tiny-cpu").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    """Two steps with a checkpoint after each, then `run.resume=true run.steps=3`: only step 3 runs, on the restored
+    learner, p̂ actor and data order."""
+    common = ["run.name=res", f"run.output_dir={tmp_path}", "run.checkpoint_interval=1", "data.prompts_per_step=8",
+              "generator.n=8", "schedule.params={k_min: 2, k_max: 6, p_target: 0.4}", "eval.enabled=false",
+              "logging.ray_metrics=false"]
+    env = dict(os.environ, RAY_ADDRESS="")
+    for extra in (["run.steps=2"], ["run.steps=3", "run.resume=true"]):
+        r = subprocess.run([sys.executable, "-m", "passk_rl.launch", "--config", "configs/tiny_cpu.yaml", *common,
+                            *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "resumed from" in r.stdout and "step 3/3" in r.stdout and "step 1/3" not in r.stdout
+    records = [json.loads(x) for x in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [1, 2, 3]
+    # the p̂ actor's statistics carried over: three steps' worth of verified samples
+    assert records[-1]["p_hat_samples"] == sum(rec["verified_samples"] for rec in records)
+    assert records[-1]["sync_probe_max_abs_diff"] < 1e-4
