@@ -389,7 +389,7 @@ def validate(cfg: Config) -> None:
             f"schedule.params: the schedule can ask for K={k_max} but generator.n={cfg.generator.n}; "
             f"K must not exceed the samples per prompt"
         )
-    if cfg.schedule.kind == "fixed" and cfg.algorithm.shaping != "multi_k":
+    if cfg.schedule.kind == "fixed" and not shaping.info(cfg.algorithm.shaping).uses_k_weights:
         # A fixed K the shaping cannot take would be clamped every step: say so now instead.
         try:
             shaping.info(cfg.algorithm.shaping).check_k(cfg.generator.n, sched.next(0.0, step=0, n=cfg.generator.n).k)

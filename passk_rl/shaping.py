@@ -86,6 +86,7 @@ class ShapingInfo:
         baselined: all-equal groups get zero advantages (for pkpo_loo: the default 'centred' variant).
         min_k: smallest admissible k.
         needs_k_le_n / needs_k_le_n_minus_1: combinatorial limit on k given the group size n.
+        uses_k_weights: the Ks come from a ``weights`` {k: w} parameter (k itself must be 1 or max(weights)).
         objective_formula: F(p) for 0/1 rewards in the population limit (text).
         advantage_formula: mean-convention advantage formula (text).
         paper: source.
@@ -106,6 +107,7 @@ class ShapingInfo:
     advantage_formula: str
     paper: str
     doc: str
+    uses_k_weights: bool = False  # takes its Ks from a {k: w} ``weights`` param (a multi-K schedule's output)
 
     def check_k(self, n: int, k: int) -> None:
         """Raise ValueError when (n, k) is outside what this shaping can take."""
@@ -713,7 +715,7 @@ _ENTRIES: tuple[ShapingSpec, ...] = (
         defaults={"baseline": "mean", "eps": 1e-6},
     ),
     _spec(
-        name="multi_k", unbiased=True, continuous_ok=True, reward_domain="real", uses_k=True,
+        name="multi_k", unbiased=True, continuous_ok=True, reward_domain="real", uses_k=True, uses_k_weights=True,
         uses_p_hat=False, baselined=True, min_k=1, needs_k_le_n=True, needs_k_le_n_minus_1=False,
         objective_formula="sum_k w_k (1 - (1-p)^k)",
         advantage_formula="sum_k w_k A^(k); A^(1) = RLOO, A^(k>=2) = pkpo_loo_minus_one (term='loo': pkpo_loo centred)",

@@ -247,9 +247,7 @@ class Trainer:
             flat_completions = [s.text for group in samples for s in group]
             verdicts = self.verifier.verify(flat_prompts, flat_completions)
             rewards = np.array([v.reward for v in verdicts], dtype=np.float64).reshape(len(prompts), g.n)
-            status_counts = {s: 0 for s in STATUSES}
-            for v in verdicts:
-                status_counts[v.status] += 1
+            status_counts = self.verifier.last_counts()  # the pool counts every verdict of this call
             for s, c in status_counts.items():
                 self.status_totals[s] += c
         with timer.phase("stats"):
@@ -320,12 +318,13 @@ class Trainer:
     def shape(self, rewards: np.ndarray, decision: Any, k: int) -> np.ndarray:
         a = self.cfg.algorithm
         params = dict(a.shaping_params)
-        if a.shaping == "multi_k":
+        info = shaping.info(a.shaping)
+        if info.uses_k_weights:
             if decision.k_weights:
                 params["weights"] = decision.k_weights
-            k = 1  # multi_k takes its Ks from the weights
+            k = 1  # the Ks come from the weights
         p_hat = None
-        if a.p_hat_source == "estimator" and shaping.info(a.shaping).uses_p_hat:
+        if a.p_hat_source == "estimator" and info.uses_p_hat:
             p_hat = torch.tensor(decision.p_hat, dtype=torch.float64)
         adv = shaping.shape(a.shaping, torch.tensor(rewards, dtype=torch.float64), k=k, p_hat=p_hat, **params)
         return adv.numpy()
