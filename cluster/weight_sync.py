@@ -239,6 +239,22 @@ def file_checksum(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def handle_for_model_dir(model_dir: str | Path, *, step: int) -> WeightHandle:
+    """A ``shm_safetensors`` handle for weights already on disk: an HF directory with one ``model.safetensors``
+    (what ``export_hf`` and ``make_base`` write). Engines then load another model of the same architecture in
+    place, with the same name/shape/checksum validation as a published step, instead of starting a new engine."""
+    f = Path(model_dir) / WEIGHTS_FILE
+    header = read_safetensors_header(f)  # FileNotFoundError naming the file
+    extra = sorted(p.name for p in Path(model_dir).glob("*.safetensors") if p.name != WEIGHTS_FILE)
+    if extra:
+        raise ValueError(f"{model_dir}: sharded weights ({extra[:3]}...) cannot be loaded in place; one "
+                         f"{WEIGHTS_FILE} is expected")
+    return WeightHandle(step=int(step), kind=ShmSafetensorsTransport.kind, location=str(Path(model_dir)),
+                        tensors={k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()},
+                        checksum=file_checksum(f), host=socket.gethostname(), nbytes=f.stat().st_size,
+                        created_unix=f.stat().st_mtime)
+
+
 def _cpu_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Detached contiguous CPU tensors; names aliasing the same storage (tied weights) are kept once.
 

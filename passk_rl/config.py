@@ -133,9 +133,25 @@ class LearnerConfig:
 class AlgorithmConfig:
     shaping: str = "pkpo_loo_minus_one"
     shaping_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Where plug-in shapings take p̂ from: "group" (the current group, GRPO-style; biased at finite n) or
-    # "estimator" (the central p̂ actor's per-prompt value, which does not depend on the current group).
-    p_hat_source: str = dataclasses.field(default="estimator", metadata=_choice("group", "estimator"))
+    # Where plug-in shapings take p̂ from: "group" (the current group, as the papers define GRPO & co.; biased at
+    # finite n) or "estimator" (the central p̂ actor's per-prompt value, which does not depend on the current
+    # group; clipped to [1/n, 1 - 1/n] so a rarely solved prompt cannot blow an advantage up).
+    p_hat_source: str = dataclasses.field(default="group", metadata=_choice("group", "estimator"))
+
+
+@dataclasses.dataclass
+class GuardConfig:
+    """When a step's numbers say the run has gone wrong: stop with a message naming what, never train on."""
+
+    # An advantage beyond this × the largest the shaping's group form gives at n (shaping.advantage_bound)
+    # stops the run, naming the prompts (only reachable with p_hat_source=estimator or custom shaping params).
+    max_advantage_ratio: float = 2.0
+    # A learner gradient norm (before clipping) above this stops the run, naming the prompts with the largest
+    # |advantage|. Healthy runs of the default config stay around 1-10 (the GRPO blow-up of issue 11 reached 2.6e5).
+    max_grad_norm: float = 1.0e3
+    # A non-finite loss or gradient makes DeepSpeed skip the optimizer step; this many such steps in a row stop
+    # the run.
+    max_skipped_steps: int = 3
 
 
 @dataclasses.dataclass
@@ -187,6 +203,7 @@ class Config:
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     estimator: EstimatorConfig = dataclasses.field(default_factory=EstimatorConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
@@ -349,6 +366,9 @@ def _positive(cfg: Config) -> None:
         "eval.num_prompts": cfg.eval.num_prompts >= 1,
         "run.checkpoint_interval": cfg.run.checkpoint_interval >= 0,
         "run.keep_checkpoints": cfg.run.keep_checkpoints >= 1,
+        "guard.max_advantage_ratio": cfg.guard.max_advantage_ratio >= 1,
+        "guard.max_grad_norm": cfg.guard.max_grad_norm > 0,
+        "guard.max_skipped_steps": cfg.guard.max_skipped_steps >= 1,
     }
     for key, ok in checks.items():
         if not ok:
@@ -401,6 +421,12 @@ def validate(cfg: Config) -> None:
     for k in cfg.logging.pass_at_ks:
         if k < 1:
             raise ConfigError(f"logging.pass_at_ks: k={k} must be >= 1")
+    if cfg.algorithm.shaping == "passk_analytic" and cfg.algorithm.p_hat_source == "estimator":
+        raise ConfigError(
+            "algorithm.p_hat_source: 'estimator' cannot be used with algorithm.shaping='passk_analytic': Chen et "
+            "al. divide by the spread of the group's own pass@K statistic, and an outside p̂ that disagrees with "
+            "the group makes that spread tiny (advantages up to ~100× the group form's at n=16, K=8); use 'group'"
+        )
     if cfg.cluster.device == "cpu":
         if cfg.generator.tensor_parallel_size != 1:
             raise ConfigError("generator.tensor_parallel_size: must be 1 on cluster.device=cpu")

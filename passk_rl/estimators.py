@@ -338,3 +338,66 @@ def pass_at_k_paired_diff(
     mean, lo, hi = _bootstrap_mean(per, n_boot=n_boot, ci=ci, seed=seed)
     return PassAtKCurve(ks=a.ks, mean=mean, lo=lo, hi=hi, per_problem=per, n_problems=a.n_problems,
                         n_boot=int(n_boot), ci=float(ci))
+
+
+@dataclass(frozen=True)
+class SeedPromptInterval:
+    """A mean over training seeds and problems with two intervals (see :func:`seed_prompt_interval`)."""
+
+    mean: float
+    lo: float  # two-level bootstrap (seeds, then problems)
+    hi: float
+    t_lo: float  # Student-t over the per-seed means (nan with one seed)
+    t_hi: float
+    seeds: int
+    problems: int
+    per_seed: tuple  # per-seed means over problems
+
+    def to_list(self) -> list[float]:
+        return [float(self.mean), float(self.lo), float(self.hi)]
+
+
+def seed_prompt_interval(values: Any, *, n_boot: int = 4000, ci: float = 0.95, seed: int = 0) -> SeedPromptInterval:
+    """Mean of ``values`` (S seeds × P problems) with intervals that include seed-to-seed variation.
+
+    ``values[s, j]`` is a per-problem quantity of the model trained with seed s (e.g. its unbiased pass@k on
+    problem j, or a paired difference of two methods trained with the same seed). Two intervals:
+
+    - two-level percentile bootstrap: each replicate draws S seeds with replacement, then P problems with
+      replacement (the same problems for every drawn seed, since every model was evaluated on the same
+      problems), and averages. It covers both the training-seed lottery and which problems were drawn. With S
+      seeds only S^S seed draws exist, so for S < 5 it is narrow; read it beside the t interval.
+    - Student-t over the S per-seed means (scipy's t quantile, S - 1 degrees of freedom): covers seed variation
+      given these problems; nan when S = 1.
+
+    With S = 1 the bootstrap reduces to the usual interval over problems.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"seed_prompt_interval: values must be (seeds, problems), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("seed_prompt_interval: values must be finite")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"seed_prompt_interval: ci must lie in (0, 1), got {ci}")
+    s, p = x.shape
+    per_seed = x.mean(axis=1)
+    mean = float(per_seed.mean())
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot, dtype=np.float64)
+    rows = max(1, _MAX_CELLS // max(p, s))
+    alpha = (1.0 - ci) / 2.0
+    for start in range(0, n_boot, rows):
+        b = min(rows, n_boot - start)
+        seed_w = np.stack([np.bincount(rng.integers(0, s, size=s), minlength=s) for _ in range(b)]) / s
+        draws = rng.integers(0, p, size=(b, p)) + (np.arange(b) * p)[:, None]
+        prob_w = np.bincount(draws.ravel(), minlength=b * p).reshape(b, p) / p
+        stats[start: start + b] = np.einsum("bs,sp,bp->b", seed_w, x, prob_w)
+    lo, hi = (np.quantile(stats, [alpha, 1.0 - alpha]) if n_boot else (mean, mean))
+    t_lo = t_hi = float("nan")
+    if s >= 2:
+        from scipy import stats as sps
+
+        half = float(sps.t.ppf(1.0 - alpha, s - 1)) * float(per_seed.std(ddof=1)) / np.sqrt(s)
+        t_lo, t_hi = float(mean - half), float(mean + half)
+    return SeedPromptInterval(mean=mean, lo=float(lo), hi=float(hi), t_lo=t_lo, t_hi=t_hi, seeds=s, problems=p,
+                              per_seed=tuple(float(v) for v in per_seed))

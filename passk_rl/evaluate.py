@@ -140,18 +140,16 @@ def _hf_dir(p: Path) -> bool:
 def resolve_model(spec: str, *, build: bool = True) -> Tuple[str, Optional[str]]:
     """(HF directory, run directory or None) for a model spec.
 
-    ``builtin:arith-base`` → the cached tiny base model (built on first use when ``build``); a run directory
+    ``builtin:arith-base`` → the committed tiny base model (checked when ``build``); a run directory
     (has ``summary.json``/``config.yaml``/``final_model``) → its ``final_model``; an HF directory → itself.
     Raises FileNotFoundError naming the spec when nothing loadable is there.
     """
     if spec.startswith("builtin:"):
         if spec not in BUILTIN_MODELS:
             raise ValueError(f"unknown built-in model {spec!r}; known: {list(BUILTIN_MODELS)}")
-        from passk_rl.tasks.make_base import base_model_dir, ensure_base_model, is_complete
+        from passk_rl.tasks.make_base import BUILTIN_DIR, builtin_base_model
 
-        if not build and not is_complete(base_model_dir(seed=0)):
-            return str(base_model_dir(seed=0)), None
-        return str(ensure_base_model(seed=0)), None
+        return str(builtin_base_model() if build else BUILTIN_DIR), None
     p = Path(spec)
     if not p.exists():
         raise FileNotFoundError(f"model {spec!r}: no such directory")
@@ -245,13 +243,15 @@ def evaluate_models(models: Sequence[str], *, labels: Optional[Sequence[str]] = 
                     max_model_len: int = 256, dtype: str = "float32", max_num_seqs: int = 256,
                     verifier_workers: int = 1,
                     verifier_timeout_s: float = 10.0, n_boot: int = 1000, ray_cpus: int = 4, plot: bool = True,
-                    keep_samples: bool = False, log: Callable[[str], None] = _log) -> Dict[str, Dict[str, Any]]:
+                    keep_samples: bool = False, share_engine: bool = True,
+                    log: Callable[[str], None] = _log) -> Dict[str, Dict[str, Any]]:
     """Evaluate each model on the same prompts with the same sampling seed; ``{label: result}``.
 
     Each result is ``evaluate_pool``'s dict plus "label", "model" (spec), "model_path", "run_dir", "task",
     "task_params", "split", "temperature", "max_tokens", "seed", "seconds"; it is also written to
     ``<out_dir>/<label>.json``. With ``plot``, all curves go to ``<out_dir>/pass_at_k.png``; with ``keep_samples``
-    the results (and files) also hold every completion with its verdict.
+    the results (and files) also hold every completion with its verdict. With ``share_engine`` (default) models of
+    one architecture are evaluated on one engine, each loaded in place; otherwise each gets a fresh engine.
     Every argument is checked (k ≤ n, models exist, task/split valid) before Ray or any engine starts.
     """
     from passk_rl.tasks import make_task
@@ -282,27 +282,40 @@ def evaluate_models(models: Sequence[str], *, labels: Optional[Sequence[str]] = 
     from actors.generator import GeneratorPool
     from actors.verifier import VerifierPool
 
+    from cluster.weight_sync import ShmSafetensorsTransport, checkpoint_params, handle_for_model_dir
+
     started = init_local_ray(ray_cpus)
     results: Dict[str, Dict[str, Any]] = {}
-    verifier = None
+    verifier = gen = None
+    # Models of one architecture share one engine: the next model's weights are loaded in place (the same
+    # validated reload a training sync uses), which saves an engine start (~20 s) per model. Sampling depends
+    # only on the weights and the per-request seeds, so a model evaluated either way gives the same samples.
+    transport = ShmSafetensorsTransport(run_name=f"evaluate-{os.getpid()}", keep_last=1)
+    engine_model = engine_arch = None
     try:
         verifier = VerifierPool(task, params, num_workers=verifier_workers, timeout_s=verifier_timeout_s,
                                 num_cpus_per_worker=0.25)
-        for ref in refs:
+        for i, ref in enumerate(refs):
             t0 = time.perf_counter()
-            log(f"{ref.label}: starting an engine on {ref.path}")
             tokenizer = AutoTokenizer.from_pretrained(ref.path)
-            gen = GeneratorPool(num_engines, dict(model_path=ref.path, device="cpu", seed=seed,
-                                                  kv_cache_bytes=int(kv_cache_gib * 2**30),
-                                                  max_model_len=max_model_len, dtype=dtype,
-                                                  max_num_seqs=max_num_seqs),
-                                device="cpu", num_cpus_per_engine=0.5)
-            try:
-                res = evaluate_pool(gen, verifier, task_obj, prompts, tokenizer=tokenizer, n=n, ks=ks,
-                                    temperature=temperature, max_tokens=max_tokens, seed=seed,
-                                    keep_samples=keep_samples)
-            finally:
+            arch = (Path(ref.path, "config.json").read_text(), checkpoint_params(ref.path))
+            if gen is not None and (not share_engine or arch != engine_arch):
                 gen.shutdown()
+                gen = None
+            if gen is None:
+                log(f"{ref.label}: starting an engine on {ref.path}")
+                gen = GeneratorPool(num_engines, dict(model_path=ref.path, device="cpu", seed=seed,
+                                                      kv_cache_bytes=int(kv_cache_gib * 2**30),
+                                                      max_model_len=max_model_len, dtype=dtype,
+                                                      max_num_seqs=max_num_seqs, transport=transport),
+                                    device="cpu", num_cpus_per_engine=0.5)
+                engine_model, engine_arch = ref.path, arch
+            elif ref.path != engine_model:
+                gen.sync_weights(handle_for_model_dir(ref.path, step=i))
+                engine_model = ref.path
+            res = evaluate_pool(gen, verifier, task_obj, prompts, tokenizer=tokenizer, n=n, ks=ks,
+                                temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                keep_samples=keep_samples)
             res["pass_at_k"] = curve_dict(n, res["counts"], ks, n_boot=n_boot, seed=seed)["pass_at_k"]
             res.update({"label": ref.label, "model": ref.spec, "model_path": ref.path, "run_dir": ref.run_dir,
                         "task": task, "task_params": params, "split": split, "temperature": temperature,
@@ -312,8 +325,11 @@ def evaluate_models(models: Sequence[str], *, labels: Optional[Sequence[str]] = 
             log(f"{ref.label}: {len(prompts)} prompts × n={n} in {res['seconds']:.0f}s  " + "  ".join(
                 f"pass@{k}={res['pass_at_k'][str(k)]['mean']:.3f}" for k in ks))
     finally:
+        if gen is not None:
+            gen.shutdown()
         if verifier is not None:
             verifier.shutdown()
+        transport.cleanup(keep_last=0)
         if started:
             ray.shutdown()
     if plot:

@@ -42,12 +42,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if plan is not None and not plan.fits:
         print("the placement plan does not fit:\n" + plan.render(), file=sys.stderr)
         return 3
-    from passk_rl.trainer import Trainer
+    from passk_rl.trainer import Trainer, TrainingAborted
 
     trainer = Trainer(cfg)
     try:
         trainer.setup()
         trainer.train()
+    except TrainingAborted as e:
+        print(f"training stopped: {e}", file=sys.stderr, flush=True)
+        return 4
     finally:
         trainer.shutdown()
     return 0

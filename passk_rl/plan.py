@@ -83,9 +83,9 @@ def model_spec(cfg: Config) -> ModelSpec:
         return KNOWN_MODELS[cfg.model.path]
     path = cfg.model.path
     if path.startswith("builtin:"):
-        from passk_rl.tasks.make_base import base_model_dir, make_recipe
+        from passk_rl.tasks.make_base import BUILTIN_DIR, make_recipe
 
-        path = str(base_model_dir(seed=0))
+        path = str(BUILTIN_DIR)
         if not (Path(path) / "config.json").is_file():  # not built yet: the recipe's numbers (vocab ≤ 64)
             r = make_recipe()
             head_dim = r.hidden_size // r.num_heads

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 Interval = Tuple[float, float, float]  # (mean, lo, hi)
 
-__all__ = ["plot_pass_at_k", "plot_pareto", "plot_run", "curve_points", "read_jsonl"]
+__all__ = ["plot_pass_at_k", "plot_pareto", "plot_run", "plot_training_by_method", "curve_points", "read_jsonl"]
 
 
 def curve_points(curve: Mapping[str, Any]) -> Tuple[List[int], List[float], List[float], List[float]]:
@@ -73,15 +73,23 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[str, Any]], path: str | Path, ti
 
 
 def plot_pareto(points: Mapping[str, Tuple[Interval, Interval]], path: str | Path, k: int,
-                title: Optional[str] = None) -> Path:
-    """pass@1 (x) vs pass@k (y) per label; ``points[label] = ((mean, lo, hi) at 1, (mean, lo, hi) at k)``."""
+                title: Optional[str] = None,
+                seed_points: Optional[Mapping[str, Sequence[Tuple[float, float]]]] = None) -> Path:
+    """pass@1 (x) vs pass@k (y) per label; ``points[label] = ((mean, lo, hi) at 1, (mean, lo, hi) at k)``.
+
+    ``seed_points[label]``: optional (pass@1, pass@k) of each seed, drawn as small dots in the label's colour."""
     if not points:
         raise ValueError("plot_pareto: no points to plot")
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     for label, (p1, pk) in points.items():
         (m1, lo1, hi1), (mk, lok, hik) = (tuple(map(float, p1)), tuple(map(float, pk)))
-        ax.errorbar([m1], [mk], xerr=[[max(m1 - lo1, 0.0)], [max(hi1 - m1, 0.0)]],
-                    yerr=[[max(mk - lok, 0.0)], [max(hik - mk, 0.0)]], fmt="o", ms=5, capsize=3, label=str(label))
+        bars = ax.errorbar([m1], [mk], xerr=[[max(m1 - lo1, 0.0)], [max(hi1 - m1, 0.0)]],
+                           yerr=[[max(mk - lok, 0.0)], [max(hik - mk, 0.0)]], fmt="o", ms=5, capsize=3,
+                           label=str(label))
+        seeds = (seed_points or {}).get(label) or []
+        if len(seeds) > 1:
+            xs, ys = zip(*seeds)
+            ax.scatter(xs, ys, s=10, alpha=0.55, color=bars[0].get_color(), lw=0)
     ax.set_xlabel("pass@1")
     ax.set_ylabel(f"pass@{k}")
     ax.grid(True, alpha=0.3)
@@ -196,3 +204,30 @@ def _plot_training(rows: Sequence[Mapping[str, Any]], path: Path, title: str) ->
         a.grid(True, alpha=0.3)
     fig.suptitle(f"{title}: training metrics", fontsize=11)
     return _save(fig, path)
+
+
+def plot_training_by_method(runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str | Path,
+                            keys: Sequence[str] = ("reward_mean",)) -> Path:
+    """One panel per key of ``metrics.jsonl``: the mean over seeds per step for each method (thin lines: the
+    seeds). ``runs[label]`` is a list of per-seed row lists."""
+    if not runs:
+        raise ValueError("plot_training_by_method: nothing to plot")
+    keys = list(dict.fromkeys(keys))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, seeds in runs.items():
+            series = [dict(zip(*_series(rows, key))) for rows in seeds if rows]
+            if not series:
+                continue
+            steps = sorted(set().union(*series))
+            mean = [sum(s[t] for s in series if t in s) / sum(1 for s in series if t in s) for t in steps]
+            (line,) = ax.plot(steps, mean, lw=1.6, label=f"{label} ({len(series)})")
+            if len(series) > 1:
+                for s in series:
+                    ax.plot(sorted(s), [s[t] for t in sorted(s)], lw=0.5, alpha=0.35, color=line.get_color())
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle("training batches: mean over seeds (thin: each seed)", fontsize=10)
+    return _save(fig, Path(path))

@@ -6,6 +6,8 @@ Public API
 ``objective(name, p, *, k=1, **params)``             population-limit F(p) for 0/1 rewards
 ``objective_derivative(name, p, *, k=1, **params)``  F'(p)
 ``expected_gain(name, n, p, *, k=1, oracle_p_hat=False, **params)``  exact finite-n gain (below)
+``advantage_bound(name, n, *, k=1, **params)``        largest |A| the group form gives at n (0/1 rewards)
+``scale_violations(name, rewards, advantages, *, k, ratio)``  groups whose |A| exceed ratio x that bound
 ``info(name) -> ShapingInfo``, ``SHAPINGS`` (names), ``REGISTRY`` (name -> ShapingSpec)
 
 Conventions
@@ -60,6 +62,8 @@ __all__ = [
     "objective",
     "objective_derivative",
     "expected_gain",
+    "advantage_bound",
+    "scale_violations",
     "info",
     "ShapingInfo",
     "ShapingSpec",
@@ -135,6 +139,9 @@ class ShapingSpec:
     # Whether all-equal groups get zero advantages under these params (then shape() zeroes them
     # exactly, removing round-off); default info.baselined.
     zero_on_constant: Callable[[Mapping[str, Any]], bool] | None = None
+    # Plug-ins: the interval of p an n-sample group can express for this shaping's statistic, (n, k) -> (lo, hi);
+    # an outside p_hat is clipped into it by default (``p_clip="group"``, see ``_clip_p_hat``).
+    p_range: Callable[[int, int], tuple[float, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,49 @@ def _require_binary(b: _Batch, name: str) -> None:
     if not b.binary:
         bad = b.r[(b.r != 0) & (b.r != 1)][0].item()
         raise ValueError(f"shaping {name!r} needs 0/1 rewards, got {bad!r}")
+
+
+def _p_range_mean(n: int, k: int) -> tuple[float, float]:
+    """[1/n, 1 - 1/n]: the group mean of n 0/1 rewards is never strictly inside (0, 1/n) or (1 - 1/n, 1), so a
+    p_hat there yields a scale (1/sigma, alpha_K, w_K) no group of this size can produce."""
+    return (1.0 / n, 1.0 - 1.0 / n) if n >= 2 else (0.0, 1.0)
+
+
+def _p_range_analytic(n: int, k: int) -> tuple[float, float]:
+    """p whose P_K = 1-(1-p)^K spans the group statistic R = rho(n, c, k) over its non-degenerate values:
+    R(c=1) = k/n and R(c=n-k) = 1 - 1/C(n, k) (larger c give R = 1 exactly)."""
+    if n < 2 or k >= n:
+        return (0.0, 1.0)  # k = n: R is 0 or 1, the group form vanishes identically; nothing to match
+    lo = -math.expm1(math.log1p(-k / n) / k)  # P_K(lo) = k/n
+    log_c = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+    hi = -math.expm1(-log_c / k)  # 1 - (1 - hi)^k = 1 - 1/C(n, k)
+    return (lo, max(lo, hi))
+
+
+def _clip_p_hat(spec: "ShapingSpec", p: torch.Tensor | None, n: int, k: int, p_clip: Any) -> torch.Tensor | None:
+    """Clip an outside p_hat (G,) into the range an n-sample group can express.
+
+    Why: a plug-in scale (1/sqrt(p(1-p)), alpha_K(p)/sigma, w_K(p), 1/sigma(P_K)) grows without bound as p_hat
+    nears 0 or 1. A central estimator's p_hat for a prompt that has rarely been solved sits near 0, and the
+    one success in a group then got an advantage of ~1e4 (grpo, EMA p_hat; the GRPO blow-up of issue 11).
+    Clipping to the group's own range keeps every advantage within what the group form itself can give at this
+    n (``advantage_bound``). Cost: for a true p outside [lo, hi] the update is no longer exactly grad F; it is
+    the update for p = lo (a smaller weight on prompts rarer than 1 in n). ``p_clip=0`` turns the clip off
+    (exactness tests); a number c in (0, 0.5) clips to [c, 1 - c].
+    """
+    if isinstance(p_clip, str):
+        if p_clip != "group":
+            raise ValueError(f"p_clip must be 'group' or a number in [0, 0.5), got {p_clip!r}")
+        lo, hi = spec.p_range(n, k) if spec.p_range is not None else (0.0, 1.0)
+    elif isinstance(p_clip, bool) or not isinstance(p_clip, (int, float, np.integer, np.floating)) or not (
+        0.0 <= float(p_clip) < 0.5
+    ):
+        raise ValueError(f"p_clip must be 'group' or a number in [0, 0.5), got {p_clip!r}")
+    else:
+        lo, hi = float(p_clip), 1.0 - float(p_clip)
+    if p is None:
+        return None
+    return p.clamp(lo, hi) if (lo > 0.0 or hi < 1.0) else p
 
 
 # ---- binary tables: mean-convention advantages as functions of the count c (index 0..n) ----
@@ -594,12 +644,14 @@ _PAPER_CHEN = "Chen et al. 2025, Pass@k Training for Adaptively Balancing Explor
 
 _PLUGIN_NOTE = (
     " Plug-in: with p_hat from the group the finite-n update is biased (gain_n(p) -> F'(p) as n grows); "
-    "with p_hat = true p it is exactly grad F for baseline='loo' and (1-1/n) grad F for baseline='mean'."
+    "with p_hat = true p (and p_clip=0) it is exactly grad F for baseline='loo' and (1-1/n) grad F for "
+    "baseline='mean'. An outside p_hat is clipped to the range an n-sample group can express "
+    "(p_clip='group', default), which bounds every advantage by the group form's own maximum."
 )
 
 
 def _spec(**kw: Any) -> ShapingSpec:
-    names = ("advantages", "objective", "derivative", "defaults", "check", "zero_on_constant")
+    names = ("advantages", "objective", "derivative", "defaults", "check", "zero_on_constant", "p_range")
     spec_kw = {key: kw.pop(key) for key in names if key in kw}
     return ShapingSpec(info=ShapingInfo(**kw), **spec_kw)
 
@@ -617,7 +669,7 @@ _ENTRIES: tuple[ShapingSpec, ...] = (
         doc="Group-normalised advantage. Population limit ascends 2 asin(sqrt p) (F' = 1/sqrt(p(1-p))), not p."
         + _PLUGIN_NOTE + " k is ignored. ddof=0 (default) makes group mode equal p_hat mode at p_hat = c/n; ddof=1 matches verl/TRL.",
         advantages=_adv_grpo, objective=_f_arcsin, derivative=_d_arcsin,
-        defaults={"baseline": "mean", "eps": 1e-6, "ddof": 0},
+        defaults={"baseline": "mean", "eps": 1e-6, "ddof": 0, "p_clip": "group"}, p_range=_p_range_mean,
     ),
     _spec(
         name="dr_grpo", unbiased=False, continuous_ok=True, reward_domain="real", uses_k=False,
@@ -645,7 +697,7 @@ _ENTRIES: tuple[ShapingSpec, ...] = (
         doc="The seed's Pass@K-GRPO pseudocode. Its population limit is NOT pass@K: the std division "
         "adds 1/sqrt(p(1-p)). K may exceed n." + _PLUGIN_NOTE,
         advantages=_adv_passk_grpo, objective=_f_passk_grpo, derivative=_d_passk_grpo,
-        defaults={"baseline": "mean", "eps": 1e-6, "ddof": 0},
+        defaults={"baseline": "mean", "eps": 1e-6, "ddof": 0, "p_clip": "group"}, p_range=_p_range_mean,
     ),
     _spec(
         name="passk_alpha", unbiased=False, continuous_ok=True, reward_domain="unit", uses_k=True,
@@ -654,7 +706,7 @@ _ENTRIES: tuple[ShapingSpec, ...] = (
         doc="The seed's 'optimal shaping'. Population limit ascends pass@K; with p_hat from the group "
         "it is biased at finite n. K may exceed n." + _PLUGIN_NOTE,
         advantages=_adv_passk_alpha, objective=_f_pass, derivative=_d_pass,
-        defaults={"baseline": "mean"},
+        defaults={"baseline": "mean", "p_clip": "group"}, p_range=_p_range_mean,
     ),
     _spec(
         name="log_passk", unbiased=False, continuous_ok=True, reward_domain="unit", uses_k=True,
@@ -666,7 +718,7 @@ _ENTRIES: tuple[ShapingSpec, ...] = (
         "pass@K, different weighting across prompts), not pass@K. p_hat is floored at p_floor "
         "(default 1e-6) because w_K -> inf as p -> 0." + _PLUGIN_NOTE,
         advantages=_adv_log_passk, objective=_f_log_pass, derivative=_d_log_pass,
-        defaults={"baseline": "mean", "p_floor": 1e-6},
+        defaults={"baseline": "mean", "p_floor": 1e-6, "p_clip": "group"}, p_range=_p_range_mean,
     ),
     _spec(
         name="pkpo", unbiased=True, continuous_ok=True, reward_domain="real", uses_k=True,
@@ -712,7 +764,7 @@ _ENTRIES: tuple[ShapingSpec, ...] = (
         "(1 - k/n) grad F for baseline='mean'. eps floors sigma only when p_hat is supplied (group-mode "
         "ratios are bounded and computed in log space).",
         advantages=_adv_passk_analytic, objective=_f_analytic, derivative=_d_analytic,
-        defaults={"baseline": "mean", "eps": 1e-6},
+        defaults={"baseline": "mean", "eps": 1e-6, "p_clip": "group"}, p_range=_p_range_analytic,
     ),
     _spec(
         name="multi_k", unbiased=True, continuous_ok=True, reward_domain="real", uses_k=True, uses_k_weights=True,
@@ -837,6 +889,8 @@ def shape(name: str, rewards: Any, *, k: int = 1, p_hat: Any = None, **params: A
     else:
         spec.info.check_k(n, k)
     ph = _prepare_p_hat(p_hat, g_rows, r.device)
+    if "p_clip" in opts:
+        ph = _clip_p_hat(spec, ph, n, k, opts.pop("p_clip"))
     if g_rows == 0:
         return restore(torch.zeros_like(r))
     binary = bool(r.eq(0).logical_or_(r.eq(1)).all())
@@ -899,7 +953,7 @@ def expected_gain(name: str, n: int, p: float, *, k: int = 1, oracle_p_hat: bool
     """Exact gain_n(p) with E[(1/n) sum_i A_i grad log pi(y_i)] = gain_n(p) grad p for 0/1 rewards.
 
     gain_n(p) = sum_j Bin(j; n-1, p) [A_+(j+1) - A_-(j)], evaluated with the shipped ``shape`` on the
-    n+1 possible groups. ``oracle_p_hat=True`` passes p_hat = p to plug-in shapings. A shaping is
+    n+1 possible groups. ``oracle_p_hat=True`` passes p_hat = p (unclipped) to plug-in shapings. A shaping is
     unbiased for its objective iff expected_gain == objective_derivative for every p.
     Cost O(n^2); fine for n up to a few thousand.
     """
@@ -911,6 +965,8 @@ def expected_gain(name: str, n: int, p: float, *, k: int = 1, oracle_p_hat: bool
     counts = torch.arange(n + 1, dtype=torch.float64)
     rows = (torch.arange(n, dtype=torch.float64)[None, :] < counts[:, None]).to(torch.float64)
     ph = torch.full((n + 1,), float(p), dtype=torch.float64) if oracle_p_hat else None
+    if oracle_p_hat and "p_clip" in _get(name).defaults:
+        params = {"p_clip": 0.0, **params}  # an oracle p is exact: nothing to guard against
     adv = shape(name, rows, k=k, p_hat=ph, **params)
     a_pos = adv[1:, 0]  # c = 1..n
     a_neg = adv[:n, n - 1]  # c = 0..n-1
@@ -921,3 +977,41 @@ def expected_gain(name: str, n: int, p: float, *, k: int = 1, oracle_p_hat: bool
         + torch.special.xlogy(j, pt) + torch.special.xlogy(n - 1 - j, 1 - pt)
     )
     return float((torch.exp(log_pmf) * (a_pos - a_neg)).sum())
+
+
+def advantage_bound(name: str, n: int, *, k: int = 1, **params: Any) -> float:
+    """Largest |advantage| the group form of ``name`` (no outside p_hat) gives any 0/1-reward group of n samples.
+
+    Evaluated with ``shape`` on the n + 1 possible groups (c = 0..n correct). With the default ``p_clip="group"``
+    a plug-in shaping fed an outside p_hat stays within this bound (up to the baseline's own spread), so a larger
+    advantage means p_hat or the params are off. Cost O(n^2).
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"advantage_bound: n must be a positive integer, got {n!r}")
+    counts = torch.arange(int(n) + 1, dtype=torch.float64)
+    rows = (torch.arange(int(n), dtype=torch.float64)[None, :] < counts[:, None]).to(torch.float64)
+    return float(shape(name, rows, k=k, **params).abs().max())
+
+
+def scale_violations(name: str, rewards: Any, advantages: Any, *, k: int = 1, ratio: float = 2.0,
+                     **params: Any) -> np.ndarray:
+    """Indices of groups whose advantages are non-finite or exceed ``ratio`` × what the group form can give.
+
+    The reference is ``advantage_bound(name, n, k)`` for 0/1 rewards, else the largest |advantage| of the group
+    form on this very batch. ``rewards``/``advantages`` are ``(G, n)``; returns a sorted int array (empty: fine).
+    """
+    if not (isinstance(ratio, (int, float)) and ratio >= 1.0):
+        raise ValueError(f"scale_violations: ratio must be a number >= 1, got {ratio!r}")
+    r = np.asarray(rewards, dtype=np.float64)
+    a = np.asarray(advantages, dtype=np.float64)
+    if r.ndim != 2 or a.shape != r.shape:
+        raise ValueError(f"scale_violations: rewards {r.shape} and advantages {a.shape} must both be (G, n)")
+    if r.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if np.all((r == 0) | (r == 1)):
+        bound = advantage_bound(name, r.shape[1], k=k, **params)
+    else:
+        bound = float(np.abs(np.asarray(shape(name, r, k=k, **params))).max())
+    worst = np.where(np.isfinite(a).all(axis=1), np.abs(a).max(axis=1), np.inf)
+    # 1e-9: float round-off between the clipped p_hat form and the group form at the same count
+    return np.flatnonzero(worst > ratio * bound + 1e-9)

@@ -26,21 +26,19 @@ from passk_rl.metrics import PHASES, JsonlWriter, PhaseTimer, batch_pass_at_k
 from passk_rl.tasks import STATUSES, Prompt, make_task
 
 
-def resolve_model_path(path: str, *, log: Any = None) -> str:
-    """``builtin:arith-base`` → the cached tiny base model (built on first use); else the path as given.
+def resolve_model_path(path: str) -> str:
+    """``builtin:arith-base`` → the tiny base model committed in the package (checked); else the path as given.
 
-    The built-in model is always the seed-0 build, whatever the run's seed: runs with different seeds then start
-    from the same base, which is what comparing their final pass@k against the base needs.
+    The built-in model is the seed-0 build whatever the run's seed: runs with different seeds start from the
+    same weights, on every machine, which is what comparing their final pass@k against the base needs.
     """
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name != "arith-base":
             raise ValueError(f"model.path: unknown built-in model {name!r}; known: ['arith-base']")
-        from passk_rl.tasks.make_base import base_model_dir, ensure_base_model, is_complete
+        from passk_rl.tasks.make_base import builtin_base_model
 
-        if not is_complete(base_model_dir(seed=0)) and log is not None:
-            log("building the tiny base model (first use only; a few minutes on 2 cores) ...")
-        return str(ensure_base_model(seed=0, log=log))
+        return str(builtin_base_model())
     p = Path(path)
     if p.exists():
         if not (p / "config.json").is_file():
@@ -98,6 +96,10 @@ def paired_change(before: Dict[str, Any], after: Dict[str, Any], *, seed: int = 
     return {str(k): {"mean": float(r.mean[i]), "lo": float(r.lo[i]), "hi": float(r.hi[i])} for i, k in enumerate(ks)}
 
 
+class TrainingAborted(RuntimeError):
+    """The run stopped itself because its numbers went wrong (the message says which and where)."""
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -107,6 +109,8 @@ class Trainer:
         self.placement = None
         self.transport = None
         self.status_totals = {s: 0 for s in STATUSES}
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -127,7 +131,7 @@ class Trainer:
         self.eval_prompts = self.task.prompts(cfg.task.eval_split)[: cfg.eval.num_prompts]
         if not self.train_prompts:
             raise ValueError(f"task {cfg.task.name!r} has no prompts in split {cfg.task.train_split!r}")
-        self.model_path = resolve_model_path(cfg.model.path, log=self.log)
+        self.model_path = resolve_model_path(cfg.model.path)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -256,7 +260,10 @@ class Trainer:
                                                         verified=verified))
         with timer.phase("shape"):
             k_used = self.admissible_k(decision.k)
-            advantages = self.shape(rewards, decision, k_used)
+            k_arg, params, p_hat = self.shaping_args(decision, k_used)
+            advantages = shaping.shape(cfg.algorithm.shaping, torch.tensor(rewards, dtype=torch.float64), k=k_arg,
+                                       p_hat=p_hat, **params).numpy()
+            self.check_advantages(step, prompts, rewards, advantages, k_arg, params)
             # A sample whose verifier timed out or crashed has no verdict: its reward of 0 stays in the group's
             # baseline, but it is not pushed down as if it were wrong.
             advantages = np.where(verified, advantages, 0.0)
@@ -267,6 +274,7 @@ class Trainer:
                 for i, group in enumerate(samples) for j, s in enumerate(group)
             ]
             train_metrics = self.learner.train_step(batch, step=step)
+            update_skipped = self.check_update(step, prompts, advantages, train_metrics)
         with timer.phase("sync"):
             handle = self.learner.publish_weights(self.transport, step=step)
             self.gen.sync_weights(handle)
@@ -287,6 +295,9 @@ class Trainer:
                 "verifier_failures": status_counts["timeout"] + status_counts["error"],
                 "verifier_status_total": dict(self.status_totals),
                 "advantage_abs_mean": float(np.abs(advantages).mean()),
+                "advantage_abs_max": float(np.abs(advantages).max()),
+                "update_skipped": update_skipped,
+                "updates_skipped_total": self.skipped_total,
                 "gen_tokens": gen_tokens,
                 "gen_tokens_per_s": gen_tokens / max(timer.seconds["generate"], 1e-9),
                 "sync_probe_max_abs_diff": probe,
@@ -315,19 +326,62 @@ class Trainer:
         hi = n - 1 if info.needs_k_le_n_minus_1 else n
         return int(min(max(int(k), info.min_k), hi))
 
-    def shape(self, rewards: np.ndarray, decision: Any, k: int) -> np.ndarray:
+    def shaping_args(self, decision: Any, k: int):
+        """(k, params, p_hat) for ``shaping.shape``: the Ks come from the weights for multi-K shapings, and p̂ from
+        the central actor only for plug-in shapings with ``p_hat_source: estimator``."""
         a = self.cfg.algorithm
         params = dict(a.shaping_params)
         info = shaping.info(a.shaping)
         if info.uses_k_weights:
             if decision.k_weights:
                 params["weights"] = decision.k_weights
-            k = 1  # the Ks come from the weights
+            k = 1
         p_hat = None
         if a.p_hat_source == "estimator" and info.uses_p_hat:
             p_hat = torch.tensor(decision.p_hat, dtype=torch.float64)
-        adv = shaping.shape(a.shaping, torch.tensor(rewards, dtype=torch.float64), k=k, p_hat=p_hat, **params)
-        return adv.numpy()
+        return k, params, p_hat
+
+    def check_advantages(self, step: int, prompts: List[Prompt], rewards: np.ndarray, advantages: np.ndarray,
+                         k: int, params: Dict[str, Any]) -> None:
+        """Stop before the update when an advantage is non-finite or beyond ``guard.max_advantage_ratio`` × the
+        largest the shaping's group form can give at this n: training on it would let a few samples set the
+        direction of the whole step (gradient clipping only rescales it)."""
+        bad = shaping.scale_violations(self.cfg.algorithm.shaping, rewards, advantages, k=k,
+                                       ratio=self.cfg.guard.max_advantage_ratio, **params)
+        if bad.size:
+            bound = shaping.advantage_bound(self.cfg.algorithm.shaping, rewards.shape[1], k=k, **params) \
+                if np.all((rewards == 0) | (rewards == 1)) else float("nan")
+            worst = [f"{prompts[i].id} (max |A| {np.abs(advantages[i]).max():.4g}, {int(rewards[i].sum())}/"
+                     f"{rewards.shape[1]} correct)" for i in bad[:5]]
+            raise TrainingAborted(
+                f"step {step}: advantages of {bad.size} prompt(s) are non-finite or exceed "
+                f"guard.max_advantage_ratio={self.cfg.guard.max_advantage_ratio} × the largest the group form of "
+                f"{self.cfg.algorithm.shaping!r} gives at n={rewards.shape[1]} ({bound:.4g}): {', '.join(worst)}. "
+                f"Check algorithm.p_hat_source / algorithm.shaping_params.")
+
+    def check_update(self, step: int, prompts: List[Prompt], advantages: np.ndarray,
+                     metrics: Dict[str, Any]) -> bool:
+        """True when the learner skipped this update (non-finite loss or gradient: DeepSpeed drops the step); stops
+        the run after ``guard.max_skipped_steps`` such steps in a row, or at once on a gradient norm above
+        ``guard.max_grad_norm``, naming the prompts with the largest |advantage|."""
+        g = self.cfg.guard
+        gn, loss = float(metrics.get("grad_norm", float("nan"))), float(metrics.get("loss", float("nan")))
+        top = np.argsort(-np.abs(advantages).max(axis=1))[:5]
+        culprits = ", ".join(f"{prompts[i].id} (max |A| {np.abs(advantages[i]).max():.4g})" for i in top)
+        if not (np.isfinite(gn) and np.isfinite(loss)):
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+            self.log(f"step {step}: loss {loss} / gradient norm {gn} not finite; the update was skipped "
+                     f"({self.skipped_in_a_row} in a row). Largest advantages: {culprits}")
+            if self.skipped_in_a_row >= g.max_skipped_steps:
+                raise TrainingAborted(f"step {step}: {self.skipped_in_a_row} updates in a row skipped for a "
+                                      f"non-finite loss or gradient (guard.max_skipped_steps={g.max_skipped_steps})")
+            return True
+        self.skipped_in_a_row = 0
+        if gn > g.max_grad_norm:
+            raise TrainingAborted(f"step {step}: gradient norm {gn:.4g} > guard.max_grad_norm={g.max_grad_norm:g} "
+                                  f"(before clipping); largest advantages: {culprits}")
+        return False
 
     def sync_probe(self, sample: Dict[str, Any]) -> float:
         """Largest |generator − learner| logprob on one fixed completion, right after the sync."""

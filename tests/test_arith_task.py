@@ -33,28 +33,42 @@ def test_registered():
 
 def test_splits_are_deterministic(task):
     again = make_task("arith")
-    for split in ("train", "test", "sft"):
+    for split in ("train", "val", "test", "sft"):
         a, b = task.prompts(split), again.prompts(split)
         assert [p.id for p in a] == [p.id for p in b]
         assert [p.text for p in a] == [p.text for p in b]
 
 
 def test_splits_are_disjoint_on_numbers_and_target(task):
-    train, test, sft = task.prompts("train"), task.prompts("test"), task.prompts("sft")
-    assert (len(test), len(train)) == (256, 1024) and len(sft) > len(train)
+    train, val, test, sft = (task.prompts(s) for s in ("train", "val", "test", "sft"))
+    assert (len(test), len(train), len(val)) == (256, 1024 - 128, 128) and len(sft) > len(train)
     # disjoint up to reordering of the numbers, not just by id
-    keys = [{_key(p) for p in split} for split in (train, test, sft)]
-    assert sum(map(len, keys)) == len(train) + len(test) + len(sft)
-    assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]
-    ids = [p.id for p in train + test + sft]
+    keys = [{_key(p) for p in split} for split in (train, val, test, sft)]
+    assert sum(map(len, keys)) == len(train) + len(val) + len(test) + len(sft)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not keys[i] & keys[j], (i, j)
+    ids = [p.id for p in train + val + test + sft]
     assert len(ids) == len(set(ids))
+
+
+def test_val_is_carved_from_the_rl_puzzles_and_leaves_test_and_sft_alone(task):
+    """Choosing hyperparameters on "val" never touches "test", and the base model's warm start ("sft") is the
+    same whatever val_size is: the same base model serves every experiment."""
+    none = make_task("arith", val_size=0)
+    assert none.prompts("val") == [] and len(none.prompts("train")) == 1024
+    assert {p.id for p in task.prompts("train") + task.prompts("val")} == {p.id for p in none.prompts("train")}
+    for split in ("test", "sft"):
+        assert [p.id for p in task.prompts(split)] == [p.id for p in none.prompts(split)]
+    with pytest.raises(ValueError, match="val_size"):
+        make_task("arith", val_size=1024)
 
 
 def test_seed_changes_the_split(task):
     other = make_task("arith", seed=1)
     assert {_key(p) for p in other.prompts("test")} != {_key(p) for p in task.prompts("test")}
     # same problem universe
-    everything = lambda t: {_key(p) for s in ("train", "test", "sft") for p in t.prompts(s)}  # noqa: E731
+    everything = lambda t: {_key(p) for s in ("train", "val", "test", "sft") for p in t.prompts(s)}  # noqa: E731
     assert everything(other) == everything(task)
 
 
@@ -78,8 +92,8 @@ def test_every_prompt_is_solvable_and_solutions_verify(task):
 
 def test_unknown_split_and_bad_params():
     t = make_task("arith")
-    with pytest.raises(ValueError, match="unknown split 'val'"):
-        t.prompts("val")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        t.prompts("dev")
     with pytest.raises(ValueError, match="ops"):
         make_task("arith", ops="+^")
     with pytest.raises(ValueError, match="num_count"):
@@ -89,7 +103,7 @@ def test_unknown_split_and_bad_params():
 
 
 def test_train_size_moves_puzzles_between_train_and_sft_only():
-    t, ref = make_task("arith", train_size=50), make_task("arith")
+    t, ref = make_task("arith", train_size=50, val_size=0), make_task("arith", val_size=0)
     assert len(t.prompts("train")) == 50
     assert [p.id for p in t.prompts("test")] == [p.id for p in ref.prompts("test")]
     assert {p.id for p in t.prompts("train") + t.prompts("sft")} == {p.id for p in ref.prompts("train") + ref.prompts("sft")}

@@ -1,7 +1,7 @@
 """The tiny base model of the built-in task: cached deterministic build, HF/vLLM-loadable layout, and the band.
 
-Fast tests build a miniature recipe (a few optimizer steps) in a temporary cache. The slow tests use the real
-default recipe through ``ensure_base_model`` (built on first use, ~5 min on 2 cores; reused afterwards).
+Fast tests build a miniature recipe (a few optimizer steps) in a temporary cache, and check the committed model
+(``passk_rl/models/arith-base``: recipe key and weight checksum). The slow tests measure the committed model.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from passk_rl.tasks import make_task
-from passk_rl.tasks.make_base import (MARKER, base_model_dir, ensure_base_model, evaluate_passk, is_complete,
-                                      make_recipe, recipe_key)
+from passk_rl.tasks.make_base import (BUILTIN_DIR, MARKER, base_model_dir, builtin_base_model, commit_base_model,
+                                      ensure_base_model, evaluate_passk, is_complete, make_recipe, recipe_key)
 
 MINI = dict(steps=8, batch_size=16, warmup_steps=2, eval_prompts=4, eval_n=16, eval_ks=(1, 16))
 
@@ -107,7 +107,38 @@ def test_bad_recipe_is_a_clear_error():
 # ------------------------------------------------------------------------------------------ the real base model
 @pytest.fixture(scope="module")
 def base_model():
-    return ensure_base_model(seed=0)  # the default recipe the launcher uses; built once, then cached
+    return builtin_base_model()  # the committed model every run starts from
+
+
+def test_committed_base_model_matches_the_recipe_and_its_checksum():
+    """Changing make_base's recipe without rebuilding (`make_base --commit`) fails here, not in a user's run."""
+    path = builtin_base_model()
+    meta = json.loads((path / "passk_rl_model.json").read_text())
+    assert meta["key"] == recipe_key(make_recipe(), 0) == json.loads((path / "recipe.json").read_text())["key"]
+    assert meta["sha256"] == _digest(path)
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+
+
+def test_a_tampered_or_stale_committed_model_is_refused(tmp_path, mini_cache):
+    _, mini = mini_cache
+    with pytest.raises(ValueError, match="seed-0"):
+        commit_base_model(ensure_base_model(mini_cache[0], seed=1, **MINI), tmp_path / "x")
+    import shutil
+
+    d = tmp_path / "arith-base"
+    shutil.copytree(BUILTIN_DIR, d)
+    assert builtin_base_model(d) == d
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError, match="sha256"):
+        builtin_base_model(d)
+    meta = json.loads((d / "passk_rl_model.json").read_text())
+    (d / "passk_rl_model.json").write_text(json.dumps({**meta, "key": "000000000000"}))
+    with pytest.raises(RuntimeError, match="recipe.*make_base --commit"):
+        builtin_base_model(d)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        builtin_base_model(tmp_path / "nowhere")
 
 
 @pytest.mark.slow

@@ -273,9 +273,7 @@ def ray_local():
 @pytest.mark.e2e
 def test_real_pools_counts_match_verdicts(ray_local, tmp_path):
     from passk_rl.tasks import make_task
-    from passk_rl.tasks.make_base import ensure_base_model
 
-    ensure_base_model(seed=0)  # cached on this machine; built on first use elsewhere
     n, num_prompts = 8, 8
     res = ev.evaluate_models(["builtin:arith-base"], labels=["base"], task="arith", split="test",
                              num_prompts=num_prompts, n=n, ks=[1, 2, 4, 8], seed=0, out_dir=tmp_path,
@@ -302,3 +300,31 @@ def test_real_pools_counts_match_verdicts(ray_local, tmp_path):
     assert res["prompt_ids"] == [p.id for p in prompts]
     local = [[task.verify(p, s["text"]).reward for s in g] for p, g in zip(prompts, samples)]
     assert np.array_equal(np.array(local), rewards)
+
+
+@pytest.mark.e2e
+def test_one_engine_with_weights_swapped_in_place_samples_like_fresh_engines(ray_local, tmp_path):
+    """evaluate_models loads each next model into the running engine (the validated reload of a training sync)
+    instead of starting a new engine: the samples must be exactly those of a fresh engine on that model, and
+    loading the first model back must give its samples again."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from passk_rl.tasks.make_base import BUILTIN_DIR
+
+    other = tmp_path / "perturbed"
+    shutil.copytree(BUILTIN_DIR, other)
+    sd = load_file(str(other / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
+    save_file(sd, str(other / "model.safetensors"), metadata={"format": "pt"})
+    kw = dict(task="arith", split="test", num_prompts=12, n=8, ks=[1, 8], seed=3, n_boot=50, plot=False)
+    shared = ev.evaluate_models(["builtin:arith-base", str(other), "builtin:arith-base"],
+                                labels=["base", "perturbed", "base-again"], out_dir=tmp_path / "shared", **kw)
+    fresh = ev.evaluate_models([str(other)], labels=["perturbed"], out_dir=tmp_path / "fresh", share_engine=False,
+                               **kw)
+    assert shared["perturbed"]["counts"] == fresh["perturbed"]["counts"]
+    assert shared["base-again"]["counts"] == shared["base"]["counts"]
+    assert shared["perturbed"]["counts"] != shared["base"]["counts"]  # the swap really changed the weights

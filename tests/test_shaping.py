@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from passk_rl import shaping
 from passk_rl.estimators import pass_at_k
-from passk_rl.shaping import SHAPINGS, expected_gain, info, objective, objective_derivative, shape
+from passk_rl.shaping import (SHAPINGS, advantage_bound, expected_gain, info, objective, objective_derivative,
+                              scale_violations, shape)
 
 REQUIRED = {"grpo", "dr_grpo", "rloo", "passk_grpo", "passk_alpha", "log_passk", "pkpo", "pkpo_loo",
             "pkpo_loo_minus_one", "passk_analytic", "multi_k"}
@@ -531,3 +532,63 @@ def test_property_unbiased_shapings_have_exact_gain(n, k, p):
             continue
         d = objective_derivative(name, p, k=k)
         assert expected_gain(name, n, p, k=k) == pytest.approx(d, rel=1e-9, abs=1e-9), (name, n, k, p)
+
+
+# ------------------------------------------------------------------ outside p_hat: clip and scale guard
+@pytest.mark.parametrize("name,k,explodes", [("grpo", 1, True), ("passk_grpo", 8, True), ("passk_alpha", 8, False),
+                                              ("log_passk", 8, True)])
+def test_outside_p_hat_near_0_or_1_stays_within_the_group_forms_bound(name, k, explodes):
+    """A central p̂ near 0 once gave one success an advantage of ~1e4 (grpo, n = 16): the default clip to
+    [1/n, 1 - 1/n] keeps every advantage within the largest the group form itself gives at this n."""
+    n = 16
+    r = rand_rewards(200, n, binary=True, seed=3)
+    extremes = torch.tensor([0.0, 1e-12, 1e-6, 0.02, 0.5, 0.98, 1 - 1e-12, 1.0], dtype=torch.float64)
+    p_hat = extremes[torch.arange(200) % len(extremes)]
+    bound = advantage_bound(name, n, k=k)
+    out = shape(name, r, k=k, p_hat=p_hat)
+    assert float(out.abs().max()) <= bound + 1e-9
+    assert scale_violations(name, r, out, k=k).size == 0
+    # the group form reaches the bound at some count, so the bound is tight, not a loose constant
+    counts = torch.arange(n + 1, dtype=torch.float64)
+    rows = (torch.arange(n, dtype=torch.float64)[None, :] < counts[:, None]).to(torch.float64)
+    assert float(shape(name, rows, k=k).abs().max()) == pytest.approx(bound)
+    # without the clip the same batch explodes (alpha_K <= K stays bounded), and the guard names exactly the
+    # groups that did
+    raw = shape(name, r, k=k, p_hat=p_hat, p_clip=0)
+    bad = scale_violations(name, r, raw, k=k)
+    assert (bad.size > 0) == explodes
+    worst = raw.abs().amax(1)
+    assert set(bad.tolist()) == set(torch.nonzero(worst > 2 * bound + 1e-9)[:, 0].tolist())
+
+
+def test_grpo_with_a_near_zero_p_hat_was_unbounded_and_is_now_one_groups_worth():
+    r = torch.zeros(1, 16, dtype=torch.float64)
+    r[0, 0] = 1.0
+    p_hat = torch.tensor([1e-6], dtype=torch.float64)
+    assert float(shape("grpo", r, p_hat=p_hat, p_clip=0)[0, 0]) > 900  # the issue-11 blow-up
+    assert float(shape("grpo", r, p_hat=p_hat)[0, 0]) == pytest.approx(float(shape("grpo", r)[0, 0]))
+
+
+def test_p_clip_accepts_group_or_a_margin_and_rejects_the_rest():
+    r = rand_rewards(4, 8, binary=True, seed=1)
+    ph = torch.full((4,), 1e-9, dtype=torch.float64)
+    a = shape("grpo", r, p_hat=ph, p_clip=0.25)
+    b = shape("grpo", r, p_hat=torch.full((4,), 0.25, dtype=torch.float64), p_clip=0)
+    assert torch.allclose(a, b)
+    for bad in ("nope", -0.1, 0.5, True):
+        with pytest.raises(ValueError, match="p_clip"):
+            shape("grpo", r, p_hat=ph, p_clip=bad)
+    with pytest.raises(ValueError, match="p_clip"):  # checked even when no p_hat is given
+        shape("grpo", r, p_clip="nope")
+
+
+def test_passk_analytic_outside_p_hat_is_clipped_to_the_groups_pk_range():
+    """P_K(p̂) is clipped to [k/n, 1 - 1/C(n,k)] (the group statistic's non-degenerate range): finite and
+    bounded, though not by the group form's own maximum, because Chen's σ belongs to the group."""
+    n, k = 16, 8
+    r = rand_rewards(100, n, binary=True, seed=5)
+    p_hat = torch.tensor([0.0, 1e-9, 0.5, 1 - 1e-9, 1.0] * 20, dtype=torch.float64)
+    out = shape("passk_analytic", r, k=k, p_hat=p_hat)
+    raw = shape("passk_analytic", r, k=k, p_hat=p_hat, p_clip=0)
+    assert torch.isfinite(out).all()
+    assert float(out.abs().max()) < 200 < float(raw.abs().max())

@@ -29,7 +29,9 @@ class Variant(NamedTuple):
     params: tuple = ()  # extra shaping parameters ((key, value), ...)
 
     def kw(self, k: int) -> Dict[str, Any]:
-        return {**core.default_params(self.name, k), **dict(self.params)}
+        # The true p is exact: the clip that guards an estimated p̂ (shaping's p_clip) would only blur it.
+        oracle = {"p_clip": 0.0} if self.src == "oracle" else {}
+        return {**core.default_params(self.name, k), **oracle, **dict(self.params)}
 
 
 def variants() -> List[Variant]:

@@ -164,6 +164,8 @@ def train(pop: Population, method: Method, *, steps: int, n: int, lr: float, see
             record(step, pi, p, k_now, p_glob)
         if shaping == "pkpo_loo_minus_one" and k == 1:
             shaping = core.pkpo_name(1)  # the k=1 member of the PKPO family is RLOO
+        if method.p_hat == "oracle" and core.uses_p_hat(shaping):
+            extra = {"p_clip": 0.0, **extra}  # the true p needs no guard against estimates near 0 or 1
         key = (shaping, k, tuple(sorted((a, str(b)) for a, b in extra.items())))
         if key not in shape_cache:
             shape_cache[key] = core.shape_fn(shaping, k=k, params=extra)

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from passk_rl.tasks.base import Prompt, Status, Task, Verdict, register_task
 
-SPLITS = ("train", "test", "sft")
+SPLITS = ("train", "val", "test", "sft")
 ALL_OPS = "+-*/"
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -321,10 +321,11 @@ class ArithTask(Task):
     - ``num_count`` (3), ``max_number`` (12): puzzle size. ``min_target`` (1) / ``max_target`` (100): the
       targets kept among the reachable values.
     - ``ops`` ("+-*"): the operators a correct answer may use. An answer with another operator is wrong.
-    - ``test_size`` (256): held-out puzzles ("test"); ``train_size`` (1024): the RL puzzles ("train"); all the
-      others form "sft", the split the base model's supervised warm start uses. The three are disjoint, so RL
-      trains on puzzles the base model never saw — what it gains there is skill, not recall, and carries over
-      to the held-out split.
+    - ``test_size`` (256): held-out puzzles ("test"); ``train_size`` (1024): the RL puzzles, of which the first
+      ``val_size`` (128) are set aside as "val" (for choosing hyperparameters: never trained on, never the test
+      split) and the rest are "train"; all the others form "sft", the split the base model's supervised warm
+      start uses. The splits are disjoint, so RL trains on puzzles the base model never saw — what it gains
+      there is skill, not recall, and carries over to the held-out split.
 
     ``Prompt.answer`` is ``{"numbers": [...], "target": int}`` (what ``verify`` needs); ``Prompt.meta`` has
     ``num_solutions``. ``solutions(prompt)`` lists every worked solution (the supervised warm start uses it).
@@ -334,7 +335,8 @@ class ArithTask(Task):
     continuous = False
 
     def __init__(self, *, seed: int = 0, num_count: int = 3, max_number: int = 12, min_target: int = 1,
-                 max_target: int = 100, ops: str = "+-*", test_size: int = 256, train_size: int = 1024):
+                 max_target: int = 100, ops: str = "+-*", test_size: int = 256, train_size: int = 1024,
+                 val_size: int = 128):
         if not 2 <= num_count <= 4:
             raise ValueError(f"arith: num_count must be 2..4, got {num_count}")
         if not 1 <= max_number <= 99:
@@ -345,6 +347,8 @@ class ArithTask(Task):
             raise ValueError(f"arith: ops must be distinct characters of {ALL_OPS!r}, got {ops!r}")
         if test_size < 1 or train_size < 1:
             raise ValueError(f"arith: test_size and train_size must be >= 1, got {test_size}, {train_size}")
+        if not 0 <= val_size < train_size:
+            raise ValueError(f"arith: val_size must be in [0, train_size={train_size}), got {val_size}")
         self.seed = int(seed)
         self.num_count = num_count
         self.max_number = max_number
@@ -353,6 +357,7 @@ class ArithTask(Task):
         self.ops = "".join(op for op in ALL_OPS if op in ops)  # canonical order: same problems, same ids
         self.test_size = test_size
         self.train_size = train_size
+        self.val_size = val_size
         self._splits: Optional[Dict[str, List[Prompt]]] = None
         self._solutions: Dict[str, List[str]] = {}
 
@@ -370,7 +375,9 @@ class ArithTask(Task):
             raise ValueError(f"arith: test_size {self.test_size} + train_size {self.train_size} leaves no puzzles "
                              f"for the warm start (only {len(problems)} puzzles for these parameters)")
         cut = self.test_size + self.train_size
-        parts = {"test": order[: self.test_size], "train": order[self.test_size: cut], "sft": order[cut:]}
+        val_end = self.test_size + self.val_size
+        parts = {"test": order[: self.test_size], "val": order[self.test_size: val_end], "train": order[val_end: cut],
+                 "sft": order[cut:]}
         splits: Dict[str, List[Prompt]] = {}
         for split, idx in parts.items():
             prompts = []

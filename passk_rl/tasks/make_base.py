@@ -1,6 +1,12 @@
 """Build the tiny base model of the built-in "arith" task: a char-level Llama warm-started on the "sft" split.
 
     python -m passk_rl.tasks.make_base [--out DIR] [--seed S] [--force]
+    python -m passk_rl.tasks.make_base --commit     # build (or reuse) the seed-0 model and copy it into the package
+
+The model every run uses (``builtin:arith-base``) is the one committed under ``passk_rl/models/arith-base``: torch
+gives different floats on different CPU kinds, so a model rebuilt elsewhere is not bit-identical, and committing
+the weights (2 MB) makes every machine train from the same start. ``builtin_base_model()`` checks at load that
+the committed model was built from the recipe in this file (its key) and that its weights are intact (sha256).
 
 The recipe (model size, supervised steps, data, evaluation) plus the seed determine the result: the model is
 cached under ``<cache>/models/arith-base-<hash of recipe and seed>`` (``<cache>`` = ``$PASSK_RL_CACHE`` or
@@ -123,6 +129,59 @@ def ensure_base_model(cache_dir: Optional[os.PathLike] = None, *, seed: int = 0,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models" / "arith-base"
+_BUILTIN_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", "base_eval.json", "recipe.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def builtin_base_model(path: Optional[os.PathLike] = None) -> Path:
+    """The committed seed-0 base model (``passk_rl/models/arith-base``), checked before use.
+
+    Raises FileNotFoundError when it is missing and RuntimeError when it was built from another recipe than the
+    one in this file or its weights do not match their recorded sha256; both say how to rebuild it.
+    """
+    d = Path(path) if path is not None else BUILTIN_DIR
+    fix = "rebuild it with `python -m passk_rl.tasks.make_base --commit` and commit passk_rl/models/arith-base"
+    meta_file = d / "passk_rl_model.json"
+    if not meta_file.is_file() or not (d / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the built-in base model is missing from {d}; {fix}")
+    meta = json.loads(meta_file.read_text())
+    want = recipe_key(make_recipe(), 0)
+    if meta.get("key") != want:
+        raise RuntimeError(f"the committed base model in {d} was built from recipe {meta.get('key')!r}, but "
+                           f"make_base's recipe is now {want!r}; {fix}")
+    if meta.get("sha256") != _sha256(d / "model.safetensors"):
+        raise RuntimeError(f"{d}/model.safetensors does not match its recorded sha256 (corrupted or replaced); {fix}")
+    return d
+
+
+def commit_base_model(src: os.PathLike, dest: Optional[os.PathLike] = None) -> Path:
+    """Copy a built seed-0 model into the package (``BUILTIN_DIR``) with the sha256 of its weights."""
+    src, dest = Path(src), Path(dest) if dest is not None else BUILTIN_DIR
+    meta = json.loads((src / "passk_rl_model.json").read_text())
+    if meta.get("seed") != 0:
+        raise ValueError(f"only the seed-0 model is the built-in one; {src} has seed {meta.get('seed')}")
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in _BUILTIN_FILES:
+        shutil.copyfile(src / name, tmp / name)
+    meta["sha256"] = _sha256(tmp / "model.safetensors")
+    (tmp / "passk_rl_model.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return builtin_base_model(dest)
 
 
 @contextlib.contextmanager
@@ -386,10 +445,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "the model goes to <out>/models/arith-base-<hash>")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even when a complete cached model exists")
+    ap.add_argument("--commit", action="store_true", help=f"then copy the seed-0 model into {BUILTIN_DIR} (the "
+                    "weights every run and test uses); commit that directory")
     args = ap.parse_args(argv)
+    if args.commit and args.seed != 0:
+        ap.error("--commit takes the seed-0 model only")
     path = base_model_dir(args.out, seed=args.seed)
     cached = is_complete(path) and not args.force
     path = ensure_base_model(args.out, seed=args.seed, force=args.force)
+    if args.commit:
+        print(f"committed {commit_base_model(path)} (now `git add` it)")
     ev = json.loads((path / "base_eval.json").read_text())
     ks = [k for k in ev if k.startswith("pass@")]
     print(f"{'reused' if cached else 'built'} {path}")
