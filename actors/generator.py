@@ -4,10 +4,13 @@ Behaviour logprobs. ``Sample.logprobs[t]`` is vLLM's logprob of the sampled toke
 what that means is the engine's ``logprobs_mode`` (``vllm.config.ModelConfig.logprobs_mode``):
 
 * ``"raw_logprobs"`` (default here and in vLLM) — ``log_softmax`` of the model's raw logits, *before* temperature,
-  top-p/top-k and other logits processors: log π_θ(token) at temperature 1. This is what the learner recomputes
-  (it scores at temperature 1), so with the default the PPO ratio starts at exactly 1 when weights are in sync.
+  top-p/top-k and other logits processors: log π_θ(token) at temperature 1.
 * ``"processed_logprobs"`` — after temperature and top-p/top-k: the log-probability under the distribution the
   token was actually drawn from (the true behaviour policy when temperature ≠ 1 or top_p < 1).
+
+A training run samples at ``generator.temperature`` T and its learner scores softmax(logits / T): the run's
+engines report raw logprobs at T = 1 and processed ones otherwise (``GeneratorPool.from_config``), so the PPO ratio
+is exactly 1 on-policy either way (tests/test_sampling_contract.py). top_p < 1 is refused by the config.
 
 Every ``Sample`` records the mode it was produced with. ``score`` uses prompt logprobs, which vLLM never processes
 (temperature 1, no truncation) in either mode.
@@ -295,6 +298,21 @@ class GeneratorActor(VLLMGenerator):
         return ray.remote(cls).options(**opts).remote(**engine_kwargs)
 
 
+class EngineLost(RuntimeError):
+    """A generator engine died and could not be brought back (the message says which and how often it was tried)."""
+
+
+def _engine_died(err: BaseException) -> bool:
+    """Whether ``err`` means the engine is gone: its actor process died (RayActorError), or the vLLM engine core
+    process inside a live actor died (the actor then raises EngineDeadError on every call)."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True
+    return isinstance(err, ray.exceptions.RayTaskError) and (
+        "EngineDeadError" in str(err) or "EngineCore" in str(err) and "died" in str(err).lower())
+
+
 class GeneratorPool:
     """``num_engines`` generator actors behind one ``generate``/``score``/``sync_weights`` interface.
 
@@ -302,11 +320,35 @@ class GeneratorPool:
     greedily onto the least-loaded engine, counting work still in flight from concurrent calls; results come back
     in the caller's order. Engines start concurrently; the constructor returns when all are up (or raises the
     first engine's error).
+
+    Engine death: when an engine's actor or its vLLM engine process dies, the pool starts a new engine in the same
+    placement bundle, loads the weights of the last ``sync_weights`` into it, and re-issues exactly the requests
+    the dead one held — with the same per-request seeds, so the step's samples are those the dead engine would have
+    returned. Up to ``max_restarts`` restarts per call; past that, ``EngineLost``. ``restarts`` counts them all.
     """
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: str, *, transport: Any = None,
+                    placement_group: Any = None) -> "GeneratorPool":
+        """The engines a run's config asks for (``cfg.generator``, ``cfg.model``, ``cfg.cluster``, ``cfg.run.seed``).
+
+        Behaviour logprobs follow the sampling temperature: at T = 1 vLLM's raw logprobs are the sampling policy's;
+        at T ≠ 1 the engine reports processed ones (after temperature), which is what the learner, scoring
+        softmax(logits / T), recomputes. Either way the PPO ratio is 1 on-policy."""
+        g = cfg.generator
+        kwargs = dict(model_path=model_path, device=cfg.cluster.device, seed=cfg.run.seed,
+                      kv_cache_bytes=int(g.kv_cache_gib * 2**30), max_model_len=cfg.model.max_model_len,
+                      dtype=cfg.model.dtype, tensor_parallel_size=g.tensor_parallel_size,
+                      enforce_eager=g.enforce_eager, gpu_memory_utilization=g.gpu_memory_utilization,
+                      max_num_seqs=g.max_num_seqs, transport=transport, engine_kwargs=dict(g.engine_kwargs) or None,
+                      logprobs_mode="raw_logprobs" if g.temperature == 1.0 else "processed_logprobs")
+        return cls(g.num_engines, kwargs, device=cfg.cluster.device, num_cpus_per_engine=g.num_cpus_per_engine,
+                   placement_group=placement_group, bundle_indices=list(range(g.num_engines)),
+                   max_restarts=g.max_restarts)
 
     def __init__(self, num_engines: int, engine_kwargs: Dict[str, Any], *, device: str = "cpu",
                  num_cpus_per_engine: float = 0.5, placement_group: Any = None,
-                 bundle_indices: Optional[Sequence[int]] = None):
+                 bundle_indices: Optional[Sequence[int]] = None, max_restarts: int = 2):
         import ray
 
         if num_engines < 1:
@@ -322,16 +364,58 @@ class GeneratorPool:
         self._calls = 0
         self._lock = threading.Lock()
         self.load = [0.0] * num_engines
-        self.engines = [
-            GeneratorActor.create(kwargs, num_cpus=num_cpus_per_engine, placement_group=placement_group,
-                                  bundle_index=bundle_indices[i] if placement_group is not None else None)
-            for i in range(num_engines)
-        ]
+        self.max_restarts = int(max_restarts)
+        self.restarts = 0
+        self.current_handle: Any = None  # the weights every engine holds (None: the model it started from)
+        self._spawn = lambda i: GeneratorActor.create(
+            kwargs, num_cpus=num_cpus_per_engine, placement_group=placement_group,
+            bundle_index=bundle_indices[i] if placement_group is not None else None)
+        self.engines = [self._spawn(i) for i in range(num_engines)]
         try:
             self.engine_info = ray.get([e.ready.remote() for e in self.engines])
         except Exception:
             self.shutdown()
             raise
+
+    def _restart(self, e: int, why: BaseException) -> None:
+        """Replace engine ``e`` by a fresh one holding the current weights."""
+        import ray
+
+        self.restarts += 1
+        print(f"[passk_rl.generator] engine {e} died ({type(why).__name__}); starting a new one "
+              f"(restart {self.restarts})", flush=True)
+        try:
+            ray.kill(self.engines[e])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.engines[e] = self._spawn(e)
+        self.engine_info[e] = ray.get(self.engines[e].ready.remote())
+        if self.current_handle is not None:
+            ray.get(self.engines[e].sync_weights.remote(self.current_handle))
+
+    def _gather(self, calls: Dict[int, Any]) -> Dict[int, Any]:
+        """Run ``calls[e](actor) -> ObjectRef`` on every engine e and return their results; an engine that died is
+        restarted and its call re-issued (``max_restarts`` times per call at most)."""
+        import ray
+
+        refs = {e: call(self.engines[e]) for e, call in calls.items()}
+        out: Dict[int, Any] = {}
+        budget = self.max_restarts
+        while refs:
+            e, ref = next(iter(refs.items()))
+            try:
+                out[e] = ray.get(ref)
+                del refs[e]
+            except Exception as err:  # noqa: BLE001 - classified below; anything else propagates unchanged
+                if not _engine_died(err):
+                    raise
+                if budget <= 0:
+                    raise EngineLost(f"generator engine {e} died and {self.max_restarts} restart(s) in this call did "
+                                     f"not bring it back: {type(err).__name__}: {str(err)[:500]}") from err
+                budget -= 1
+                self._restart(e, err)
+                refs[e] = calls[e](self.engines[e])
+        return out
 
     @property
     def num_engines(self) -> int:
@@ -352,8 +436,6 @@ class GeneratorPool:
     def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 32, seed: Optional[int] = None,
                  stop: Optional[Sequence[str]] = None) -> List[List[Sample]]:
-        import ray
-
         _check_sampling(n, temperature, top_p, max_tokens)
         prompts = list(prompts)
         if not prompts:
@@ -364,12 +446,14 @@ class GeneratorPool:
                 self._calls += 1
         costs = [float(n * (len(p) + max_tokens)) for p in prompts]
         parts = self._assign(costs)
-        try:
-            refs = {e: self.engines[e].generate.remote([prompts[i] for i in part], n=n, temperature=temperature,
+
+        def call(part):
+            return lambda actor: actor.generate.remote([prompts[i] for i in part], n=n, temperature=temperature,
                                                        top_p=top_p, max_tokens=max_tokens, seed=seed, stop=stop,
                                                        prompt_indices=part)
-                    for e, part in enumerate(parts) if part}
-            got = dict(zip(refs, ray.get(list(refs.values()))))
+
+        try:
+            got = self._gather({e: call(part) for e, part in enumerate(parts) if part})
         finally:
             self._release(parts, costs)
         out: List[Optional[List[Sample]]] = [None] * len(prompts)
@@ -381,21 +465,22 @@ class GeneratorPool:
     def score(self, prompt_token_ids: Sequence[Sequence[int]], completion_token_ids: Sequence[Sequence[int]], *,
               engine: Optional[int] = None) -> List[List[float]]:
         """Completion-token logprobs (see ``VLLMGenerator.score``); ``engine=i`` asks that engine only."""
-        import ray
-
         if len(prompt_token_ids) != len(completion_token_ids):
             raise ValueError(f"score: {len(prompt_token_ids)} prompts but {len(completion_token_ids)} completions")
         if engine is not None:
             if not 0 <= engine < self.num_engines:
                 raise ValueError(f"engine must be in [0, {self.num_engines}), got {engine}")
-            return ray.get(self.engines[engine].score.remote(list(prompt_token_ids), list(completion_token_ids)))
+            p, c = list(prompt_token_ids), list(completion_token_ids)
+            return self._gather({engine: lambda actor: actor.score.remote(p, c)})[engine]
         costs = [float(len(p) + len(c)) for p, c in zip(prompt_token_ids, completion_token_ids)]
         parts = self._assign(costs)
-        try:
-            refs = {e: self.engines[e].score.remote([prompt_token_ids[i] for i in part],
+
+        def call(part):
+            return lambda actor: actor.score.remote([prompt_token_ids[i] for i in part],
                                                     [completion_token_ids[i] for i in part])
-                    for e, part in enumerate(parts) if part}
-            got = dict(zip(refs, ray.get(list(refs.values()))))
+
+        try:
+            got = self._gather({e: call(part) for e, part in enumerate(parts) if part})
         finally:
             self._release(parts, costs)
         out: List[List[float]] = [[] for _ in prompt_token_ids]
@@ -406,11 +491,10 @@ class GeneratorPool:
 
     def sync_weights(self, handle: Any) -> Dict[str, Any]:
         """Apply ``handle`` on every engine in parallel; ``{"step", "seconds" (wall), "engines": [reports]}``."""
-        import ray
-
         t0 = time.perf_counter()
-        reports = ray.get([e.sync_weights.remote(handle) for e in self.engines])
-        return {"step": handle.step, "seconds": time.perf_counter() - t0, "engines": reports}
+        self.current_handle = handle  # an engine restarted from now on loads these
+        got = self._gather({e: (lambda actor: actor.sync_weights.remote(handle)) for e in range(self.num_engines)})
+        return {"step": handle.step, "seconds": time.perf_counter() - t0, "engines": [got[e] for e in sorted(got)]}
 
     def info(self) -> List[Dict[str, Any]]:
         import ray

@@ -44,6 +44,10 @@ from passk_rl.losses import AGGREGATIONS, KL_ESTIMATORS, aggregate, kl_penalty, 
     token_logprobs
 
 OPTIMIZERS = ("adamw", "sgd")
+# How a batch sampled by an older policy μ is corrected: "none" (PPO ratio against μ's logprobs, as on-policy),
+# "decoupled_ppo" (ratio and clip against the learner's own logprobs at the start of the update, π_old, times the
+# importance weight π_old/μ per token) or "tis" (the same weight truncated at is_cap).
+OFF_POLICY = ("none", "tis", "decoupled_ppo")
 
 
 def _deep_update(base: dict, override: Mapping) -> dict:
@@ -140,7 +144,8 @@ class LearnerWorker:
                  dual_clip: Optional[float] = None, aggregation: str = "seq_mean_token_sum",
                  max_response_len: Optional[int] = None, temperature: float = 1.0, kl_coef: float = 0.0,
                  kl_estimator: str = "k3", ref_model: bool = False, gradient_checkpointing: bool = False,
-                 compute_entropy: bool = True, ds_config_overrides: Optional[Mapping[str, Any]] = None):
+                 compute_entropy: bool = True, ds_config_overrides: Optional[Mapping[str, Any]] = None,
+                 ppo_epochs: int = 1, mini_batches: int = 1, off_policy: str = "none", is_cap: float = 2.0):
         if zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 or 3, got {zero_stage!r}")
         if aggregation not in AGGREGATIONS:
@@ -151,6 +156,12 @@ class LearnerWorker:
             raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {list(OPTIMIZERS)}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if ppo_epochs < 1 or mini_batches < 1:
+            raise ValueError(f"ppo_epochs and mini_batches must be >= 1, got {ppo_epochs}, {mini_batches}")
+        if off_policy not in OFF_POLICY:
+            raise ValueError(f"unknown off_policy {off_policy!r}; allowed: {list(OFF_POLICY)}")
+        if not is_cap > 1.0:
+            raise ValueError(f"is_cap must be > 1, got {is_cap}")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         if kl_coef > 0 and not ref_model:
@@ -164,6 +175,9 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.zero_stage = zero_stage
         self.micro_batch_size = micro_batch_size
+        self.ppo_epochs, self.mini_batches = int(ppo_epochs), int(mini_batches)
+        self.off_policy, self.is_cap = off_policy, float(is_cap)
+        self.seed = int(seed)
         self.bf16 = bf16
         self.loss_kwargs = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation)
         self.aggregation = aggregation
@@ -347,6 +361,7 @@ class LearnerWorker:
         old = torch.zeros((b, T), dtype=torch.float32)
         has_old = torch.ones((b,), dtype=torch.bool)
         adv = torch.zeros((b,), dtype=torch.float32)
+        isw = torch.ones((b, T), dtype=torch.float32)
         for i, s in enumerate(samples):
             p, r = s["prompt_token_ids"], s["response_token_ids"]
             P, R = len(p), len(r)
@@ -360,10 +375,13 @@ class LearnerWorker:
                     mask[i, :R] = 1.0
                 if s["behaviour_logprobs"] is not None:
                     old[i, :R] = torch.tensor(s["behaviour_logprobs"], dtype=torch.float32)
+                if s.get("is_weights") is not None:
+                    isw[i, :R] = torch.tensor(s["is_weights"], dtype=torch.float32)
             has_old[i] = s["behaviour_logprobs"] is not None
             adv[i] = s["advantage"] if real[i] else 0.0
         d = self.device
-        return (ids.to(d), attn.to(d), pos.to(d), tgt.to(d), mask.to(d), old.to(d), has_old.to(d), adv.to(d))
+        return (ids.to(d), attn.to(d), pos.to(d), tgt.to(d), mask.to(d), old.to(d), has_old.to(d), adv.to(d),
+                isw.to(d))
 
     def _micro_batches(self, samples: List[dict]):
         """Local micro-batches (lists of indices into ``samples``), padded to the group-wide count with dummies.
@@ -422,7 +440,7 @@ class LearnerWorker:
         for j, mb in enumerate(mbs):
             self.engine.set_gradient_accumulation_boundary(j == len(mbs) - 1)
             mb_samples, real = self._mb_samples(samples, mb)
-            ids, attn, pos, tgt, mask, old, has_old, adv = self._collate(mb_samples, real)
+            ids, attn, pos, tgt, mask, old, has_old, adv, isw = self._collate(mb_samples, real)
             ref_lp = None
             if self.ref is not None:
                 with torch.no_grad():
@@ -433,7 +451,8 @@ class LearnerWorker:
             old = torch.where(has_old[:, None], old, lp.detach())
             pg, m = policy_loss(lp, old, adv, mask, clip_low=self.loss_kwargs["clip_low"],
                                 clip_high=self.loss_kwargs["clip_high"], dual_clip=self.loss_kwargs["dual_clip"],
-                                aggregation=self.aggregation, **denoms)
+                                aggregation=self.aggregation,
+                                is_weights=isw if self.off_policy != "none" else None, **denoms)
             total = pg
             kl_term = None
             if ref_lp is not None:
@@ -479,17 +498,63 @@ class LearnerWorker:
         return metrics
 
     def train_step(self, batch: Sequence[Mapping[str, Any]], *, step: int) -> Dict[str, float]:
-        """One optimizer step on this rank's shard (all ranks call together). Returns group-reduced metrics."""
+        """``ppo_epochs`` passes over this rank's shard, each split into ``mini_batches`` optimizer steps (all ranks
+        call together). With 1 × 1 (the default) this is one full-batch step, on-policy (ratio 1 at sync).
+
+        Later mini-batches see a policy that already moved, so their ratio against the behaviour logprobs departs
+        from 1 and the PPO clip bounds the move. Mini-batches are a seeded shuffle of the shard (same on every
+        rerun). Returns group-reduced metrics: means over the updates, the largest gradient norm (the run's guard
+        reads it), ratio_min/max over all updates, and ``updates``."""
         t0 = time.perf_counter()
         samples = validate_batch(batch, where=f"rank {self.rank} batch")
-        metrics = self._forward_backward(samples)
-        self.engine.step()
-        gn = self.engine.get_global_grad_norm()
-        metrics["grad_norm"] = float(gn) if gn is not None else float("nan")
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        metrics["step"] = float(step)
-        metrics["step_seconds"] = self._all_reduce([time.perf_counter() - t0], op="max")[0]
-        return metrics
+        is_stats = self._attach_importance_weights(samples) if self.off_policy != "none" else {}
+        updates: List[Dict[str, float]] = []
+        for epoch in range(self.ppo_epochs):
+            for part in self._mini_batch_split(samples, step=step, epoch=epoch):
+                metrics = self._forward_backward(part)
+                self.engine.step()
+                gn = self.engine.get_global_grad_norm()
+                metrics["grad_norm"] = float(gn) if gn is not None else float("nan")
+                updates.append(metrics)
+        out = updates[0] if len(updates) == 1 else {
+            k: (max if k == "grad_norm" or k == "ratio_max" else min if k == "ratio_min" else
+                (lambda v: sum(v) / len(v)))([u[k] for u in updates]) for k in updates[0]}
+        out["updates"] = float(len(updates))
+        out.update(is_stats)
+        out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        out["step"] = float(step)
+        out["step_seconds"] = self._all_reduce([time.perf_counter() - t0], op="max")[0]
+        return out
+
+    def _attach_importance_weights(self, samples: List[dict]) -> Dict[str, float]:
+        """Off-policy correction: π_old = the learner's logprobs now (the start of this update) becomes the PPO
+        reference, and each token gets w = π_old/μ (μ: the behaviour logprobs the engine sampled with), truncated
+        at ``is_cap`` for "tis". Returns group-reduced stats: mean w and the effective sample size (Σw)²/(N Σw²)."""
+        prox = self.compute_logprobs(samples)
+        s_w = s_w2 = n_tok = 0.0
+        for s, lp in zip(samples, prox):
+            mu = s["behaviour_logprobs"]
+            w = [1.0] * len(lp) if mu is None else [math.exp(max(min(a - b, 20.0), -20.0)) for a, b in zip(lp, mu)]
+            if self.off_policy == "tis":
+                w = [min(x, self.is_cap) for x in w]
+            s["behaviour_logprobs"] = lp
+            s["is_weights"] = w
+            s_w += sum(w)
+            s_w2 += sum(x * x for x in w)
+            n_tok += len(w)
+        s_w, s_w2, n_tok = self._all_reduce([s_w, s_w2, n_tok], op="sum")
+        return {"is_weight_mean": s_w / max(n_tok, 1.0),
+                "is_ess": (s_w * s_w) / max(n_tok * s_w2, 1e-30) if n_tok else 1.0}
+
+    def _mini_batch_split(self, samples: List[dict], *, step: int, epoch: int) -> List[List[dict]]:
+        """This rank's shard in ``mini_batches`` parts (a seeded shuffle; parts may be empty on a small shard, the
+        padding micro-batches keep the collectives in step)."""
+        if self.mini_batches == 1:
+            return [samples]
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 100_003 + int(step)) * 101 + epoch)
+        order = torch.randperm(len(samples), generator=g).tolist()
+        size = -(-len(samples) // self.mini_batches) if samples else 0
+        return [[samples[i] for i in order[j * size:(j + 1) * size]] for j in range(self.mini_batches)]
 
     def loss_gradient(self, batch: Sequence[Mapping[str, Any]]) -> Optional[Dict[str, torch.Tensor]]:
         """Full-batch loss gradient (HF names → fp32 CPU tensors) on rank 0, without an optimizer step.
@@ -512,8 +577,11 @@ class LearnerWorker:
         return grads if self.rank == 0 else None
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: Sequence[Mapping[str, Any]], *, ref: bool = False) -> List[List[float]]:
-        """Per-token logprobs of each sample's response under the current (or, ``ref=True``, reference) model."""
+    def compute_logprobs(self, batch: Sequence[Mapping[str, Any]], *, ref: bool = False,
+                         temperature: Optional[float] = None) -> List[List[float]]:
+        """Per-token logprobs of each sample's response under the current (or, ``ref=True``, reference) model, at
+        the learner's temperature (or ``temperature``: the weight-sync probe compares at 1)."""
+        temperature = self.temperature if temperature is None else float(temperature)
         samples = validate_batch([{**s, "advantage": s.get("advantage", 0.0)} for s in batch],
                                  where=f"rank {self.rank} batch")
         if ref and self.ref is None:
@@ -524,7 +592,7 @@ class LearnerWorker:
         for mb in self._micro_batches(samples):
             mb_samples, real = self._mb_samples(samples, mb)
             ids, attn, pos, tgt, *_ = self._collate(mb_samples, real)
-            lp = token_logprobs(self._response_logits(model, ids, attn, pos), tgt, temperature=self.temperature)
+            lp = token_logprobs(self._response_logits(model, ids, attn, pos), tgt, temperature=temperature)
             if mb is not None:
                 for row, i in enumerate(mb):
                     out[i] = lp[row, :len(samples[i]["response_token_ids"])].float().cpu().tolist()
@@ -701,6 +769,29 @@ class LearnerGroup:
                                       **worker_kwargs)
                  for r, a in enumerate(self.actors)])
 
+    # LearnerConfig fields that place the ranks rather than configure one (LearnerGroup's own arguments)
+    PLACEMENT_FIELDS = ("world_size", "num_cpus_per_rank")
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: str, *, placement_group=None) -> "LearnerGroup":
+        """The group a run's config asks for: every ``cfg.learner`` field is passed by name (a new LearnerConfig
+        field that LearnerWorker does not take fails here, loudly), plus what follows from other sections."""
+        import dataclasses
+
+        L = cfg.learner
+        worker = {f.name: getattr(L, f.name) for f in dataclasses.fields(L) if f.name not in cls.PLACEMENT_FIELDS}
+        worker.update(
+            betas=tuple(L.betas), ds_config_overrides=dict(L.ds_config_overrides) or None,
+            # Dr. GRPO's constant normaliser: the longest answer the generator may write, not this batch's longest
+            max_response_len=L.max_response_len or cfg.generator.max_tokens,
+            ref_model=L.kl_coef > 0, seed=cfg.run.seed, bf16=cfg.model.dtype == "bfloat16",
+            # the learner scores the policy the generator samples from: softmax(logits / T), paired with vLLM's
+            # processed logprobs (the engine's logprobs_mode follows the same temperature)
+            temperature=cfg.generator.temperature,
+        )
+        return cls(L.world_size, model_path, device=cfg.cluster.device, num_cpus_per_rank=L.num_cpus_per_rank,
+                   placement_group=placement_group, **worker)
+
     def _all(self, method: str, per_rank_args=None, **kwargs) -> list:
         import ray
         refs = []
@@ -719,10 +810,12 @@ class LearnerGroup:
         results = self._all("train_step", [([samples[i] for i in sh],) for sh in shards], step=step)
         return results[0]  # metrics are already all-reduced over ranks inside the workers
 
-    def compute_logprobs(self, samples: Sequence[Mapping[str, Any]], *, ref: bool = False) -> List[List[float]]:
+    def compute_logprobs(self, samples: Sequence[Mapping[str, Any]], *, ref: bool = False,
+                         temperature: Optional[float] = None) -> List[List[float]]:
         samples = validate_batch([{**s, "advantage": s.get("advantage", 0.0)} for s in samples])
         shards = shard_by_tokens(samples, self.world_size)
-        parts = self._all("compute_logprobs", [([samples[i] for i in sh],) for sh in shards], ref=ref)
+        parts = self._all("compute_logprobs", [([samples[i] for i in sh],) for sh in shards], ref=ref,
+                          temperature=temperature)
         out: List[Optional[List[float]]] = [None] * len(samples)
         for sh, part in zip(shards, parts):
             for i, lp in zip(sh, part):

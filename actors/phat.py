@@ -4,6 +4,11 @@
 ``passk_rl.schedule`` K schedule. Each step the driver sends (prompt ids, rewards) and gets back the p̂ of each
 prompt, the global p̂ and the K (or K weights) to shape with.
 
+It is the one place that decides K: it knows the shaping's admissible range at this n (``passk_rl.shaping.info``)
+and moves the schedule's K into it, so the K it returns, records in its history and checkpoints is the K the
+update uses. A shaping that ignores K gets ``k=None`` (nothing to show); a multi-K shaping gets weights, and K is
+their largest key.
+
 Order matters: the p̂ and K handed back are computed *before* this step's rewards are folded in, so a plug-in
 shaping that uses them (``algorithm.p_hat_source: estimator``) gets a p̂ that does not depend on the group it
 weights — that removes the finite-n coupling bias of group-mean p̂ (see docs/shapings.md). The rewards are
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from passk_rl import schedule as schedule_mod
+from passk_rl import shaping as shaping_mod
 from passk_rl import stats as stats_mod
 
 
@@ -27,17 +33,35 @@ class PHatDecision:
     step: int
     p_hat: List[float]  # per prompt, before this step's rewards
     p_global: float  # global p̂ before this step's rewards
-    k: int
-    k_weights: Optional[Dict[int, float]]
+    k: Optional[int]  # the K the shaping uses (None: the shaping ignores K)
+    k_weights: Optional[Dict[int, float]]  # multi-K shapings: {k: w}; k is then max(k_weights)
     total_samples: int  # samples folded in so far, this step included
+    k_requested: Optional[int] = None  # the schedule's own K before it was moved into the shaping's range
+
+
+def k_range(shaping_name: str, n: int) -> Optional[tuple]:
+    """(lo, hi) of the K ``shaping_name`` accepts with n samples per prompt; None when it ignores K."""
+    info = shaping_mod.info(shaping_name)
+    if not info.uses_k:
+        return None
+    hi = n - 1 if info.needs_k_le_n_minus_1 else n
+    return (int(info.min_k), int(hi))
 
 
 class PHatService:
     def __init__(self, *, estimator: str, estimator_params: Optional[Dict[str, Any]] = None, schedule: str,
-                 schedule_params: Optional[Dict[str, Any]] = None, n: int):
+                 schedule_params: Optional[Dict[str, Any]] = None, n: int, shaping: str = "pkpo_loo_minus_one"):
         self.estimator_name = estimator
         self.schedule_name = schedule
         self.n = int(n)
+        self.shaping = shaping
+        info = shaping_mod.info(shaping)
+        self.uses_weights = info.uses_k_weights
+        self.k_range = k_range(shaping, self.n)
+        if self.uses_weights != (schedule == "multi_k"):
+            # multi_k without weights silently becomes RLOO; weights for any other shaping are silently dropped
+            raise ValueError(f"shaping {shaping!r} {'needs' if self.uses_weights else 'cannot take'} the K weights "
+                             f"of schedule 'multi_k' (schedule is {schedule!r})")
         self.stats = stats_mod.make_stats(estimator, **(estimator_params or {}))
         self.schedule = schedule_mod.make_schedule(schedule, **(schedule_params or {}))
         self.history: List[Dict[str, Any]] = []
@@ -63,12 +87,21 @@ class PHatService:
             p_global = float(self.stats.global_value())
         decision = self.schedule.next(p_global, step=step, n=int(r.shape[1]))
         self.stats.update(list(prompt_ids), r, mask=mask)
-        weights = getattr(decision, "weights", None)
-        out = PHatDecision(step=step, p_hat=p_hat, p_global=p_global, k=int(decision.k),
-                           k_weights=dict(weights) if weights else None,
-                           total_samples=int(self.stats.total_samples))
-        self.history.append({"step": step, "p_global": p_global, "k": out.k})
+        k, weights = self._admissible(decision)
+        out = PHatDecision(step=step, p_hat=p_hat, p_global=p_global, k=k, k_weights=weights,
+                           total_samples=int(self.stats.total_samples), k_requested=int(decision.k))
+        self.history.append({"step": step, "p_global": p_global, "k": out.k, "k_weights": out.k_weights})
         return out
+
+    def _admissible(self, decision: Any):
+        """(k, weights) the shaping will use: K clamped into the shaping's range; weights only for multi-K."""
+        if self.uses_weights:
+            weights = dict(decision.weights)
+            return max(weights), weights
+        if self.k_range is None:
+            return None, None
+        lo, hi = self.k_range
+        return int(min(max(int(decision.k), lo), hi)), None
 
     def global_value(self) -> float:
         return float(self.stats.global_value())
@@ -78,7 +111,7 @@ class PHatService:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"stats": self.stats.state_dict(), "schedule": self.schedule.state_dict(), "history": list(self.history),
-                "estimator": self.estimator_name, "schedule_name": self.schedule_name}
+                "estimator": self.estimator_name, "schedule_name": self.schedule_name, "shaping": self.shaping}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("estimator") != self.estimator_name or state.get("schedule_name") != self.schedule_name:

@@ -198,6 +198,7 @@ class VerifierPool:
         self._counts = _zero_counts()
         self._last = _zero_counts()
         self.restarts = 0
+        self.restart_failures = 0
         self.restart_reasons: List[str] = []
         self._actors: List[Any] = [self._new_actor() for _ in range(num_workers)]
         ray.get([a.ready.remote() for a in self._actors], timeout=self.startup_timeout_s)
@@ -220,8 +221,12 @@ class VerifierPool:
             a = self._new_actor()
             ray.get(a.ready.remote(), timeout=self.startup_timeout_s)
             self._actors[i] = a
-        except Exception:  # noqa: BLE001 - retried at the next verify call; the run goes on
+        except Exception as e:  # noqa: BLE001 - retried at the next verify call; the driver's health check
+            # (verifier.max_unverified_frac) stops the run if verdicts keep missing, and this reason is in its message
             self._actors[i] = None
+            self.restart_failures += 1
+            self.restart_reasons.append(f"restart of verifier actor {i} failed: {type(e).__name__}: {str(e)[:300]}")
+            print(f"[passk_rl.verifier] {self.restart_reasons[-1]}", flush=True)
 
     def verify(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Verdict]:
         ray = self._ray
@@ -303,6 +308,7 @@ class VerifierPool:
 
     def stats(self) -> Dict[str, Any]:
         return {"counts": self.counts(), "last_counts": self.last_counts(), "actor_restarts": self.restarts,
+                "restart_failures": self.restart_failures, "recent_reasons": self.restart_reasons[-3:],
                 "num_workers": self.num_workers, "live_workers": sum(a is not None for a in self._actors)}
 
     def shutdown(self) -> None:

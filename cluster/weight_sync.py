@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -88,30 +87,41 @@ class WeightHandle:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def read_safetensors_header(path: str | Path) -> Dict[str, Dict[str, Any]]:
-    """The JSON header of a safetensors file: ``name -> {"dtype", "shape", "data_offsets"}`` (no tensor data read).
+def _safetensors_layout(path: str | Path) -> Tuple[Dict[str, Dict[str, Any]], int]:
+    """(``name -> {"dtype", "shape", "data_offsets"}``, file offset of the data section) of a safetensors file,
+    read through ``safetensors.safe_open`` (no tensor data read).
 
-    The format is an 8-byte little-endian header length followed by that many bytes of JSON.
+    safe_open gives names, shapes and dtypes but not byte offsets, which :func:`file_checksum` needs to sample
+    the raw bytes. They follow from what it does give: it refuses any file whose tensors do not tile the data
+    section exactly, in order and without holes, up to the end of the file, so walking ``offset_keys()`` and
+    summing ``numel * itemsize`` reproduces the header's ``data_offsets``, and the data starts that many bytes
+    before the end of the file.
     """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {path}")
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise ValueError(f"{path}: not a safetensors file (header length {n} bytes is implausible)")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
+    layout: Dict[str, Dict[str, Any]] = {}
+    end = 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.offset_keys():
+                sl = f.get_slice(name)
+                shape, dtype = [int(d) for d in sl.get_shape()], sl.get_dtype()
+                if dtype not in _ST_ITEMSIZE:
+                    raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which the weight sync does not "
+                                     f"handle (known: {sorted(_ST_ITEMSIZE)})")
+                begin, end = end, end + int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[dtype]
+                layout[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+    return layout, path.stat().st_size - end
 
 
-def _header_data_start(path: Path) -> int:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return 8 + n
+def read_safetensors_header(path: str | Path) -> Dict[str, Dict[str, Any]]:
+    """The tensors of a safetensors file: ``name -> {"dtype", "shape", "data_offsets"}`` (no tensor data read)."""
+    return _safetensors_layout(path)[0]
 
 
 def checkpoint_params(model_path: str | Path) -> Dict[str, Shape]:
@@ -224,9 +234,7 @@ def state_dict_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def file_checksum(path: str | Path) -> str:
     """:func:`state_dict_checksum` of a safetensors file, reading only the sampled bytes (memory-mapped)."""
-    path = Path(path)
-    header = read_safetensors_header(path)
-    start = _header_data_start(path)
+    header, start = _safetensors_layout(path)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     h = hashlib.sha256()
     for name in sorted(header):

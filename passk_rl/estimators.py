@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["pass_at_k", "max_at_k", "pass_at_k_curve", "PassAtKCurve"]
+__all__ = ["pass_at_k", "max_at_k", "pass_at_k_curve", "PassAtKCurve", "bootstrap_means", "percentile_interval"]
 
 # Upper bound on the number of float64 cells materialised at once by the padded product in
 # pass_at_k (32 MiB); larger inputs are processed in chunks.
@@ -301,24 +301,52 @@ def pass_at_k_curve(
     )
 
 
-def _bootstrap_mean(per: np.ndarray, *, n_boot: int, ci: float, seed: int):
-    """Column means of ``per`` (P, K) and their percentile-bootstrap interval over the P rows."""
-    mean = per.mean(axis=0)
-    p = per.shape[0]
-    if n_boot == 0:
-        return mean, mean.copy(), mean.copy()
+def _multiplicities(rng: np.random.Generator, b: int, p: int) -> np.ndarray:
+    """(b, p) counts of how often each of p items is drawn in b resamples of size p with replacement."""
+    draws = rng.integers(0, p, size=(b, p)) + (np.arange(b) * p)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * p).reshape(b, p)
+
+
+def bootstrap_means(per: Any, *, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap replicates of the column means of ``per`` (P, K) (or (P,)) over its P rows: (n_boot, K) (or (n_boot,)).
+
+    Replicate b resamples the P rows with replacement once and averages every column over that same resample,
+    so replicates of column differences are the differences of replicates (paired). The resamples depend only on
+    (P, n_boot, seed): two calls with the same seed on matrices of the same P resample the same rows, which is
+    how separate calls stay paired. Drawn as per-row multiplicities in chunks, so memory is O(chunk * P)
+    whatever n_boot is; the chunking does not change the draws (one numpy Generator stream, consumed in order).
+    """
+    a = np.asarray(per, dtype=np.float64)
+    if a.ndim not in (1, 2) or a.shape[0] == 0:
+        raise ValueError(f"bootstrap_means: per must be (P,) or (P, K) with P >= 1, got shape {a.shape}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"bootstrap_means: n_boot must be a non-negative integer, got {n_boot!r}")
+    p = a.shape[0]
     rng = np.random.default_rng(seed)
-    stats = np.empty((n_boot, per.shape[1]), dtype=np.float64)
+    out = np.empty((n_boot,) + a.shape[1:], dtype=np.float64)
     rows = max(1, _MAX_CELLS // p)
     for start in range(0, n_boot, rows):
         b = min(rows, n_boot - start)
-        draws = rng.integers(0, p, size=(b, p))
-        offsets = (np.arange(b) * p)[:, None]
-        counts = np.bincount((draws + offsets).ravel(), minlength=b * p).reshape(b, p)
-        stats[start : start + b] = counts @ per / p
+        out[start : start + b] = _multiplicities(rng, b, p) @ a / p
+    return out
+
+
+def percentile_interval(replicates: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi): the central ``ci`` percentile interval of bootstrap ``replicates`` along axis 0."""
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"percentile_interval: ci must lie in (0, 1), got {ci}")
     alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha], axis=0)
-    return mean, np.asarray(lo), np.asarray(hi)
+    lo, hi = np.quantile(replicates, [alpha, 1.0 - alpha], axis=0)
+    return np.asarray(lo), np.asarray(hi)
+
+
+def _bootstrap_mean(per: np.ndarray, *, n_boot: int, ci: float, seed: int):
+    """Column means of ``per`` (P, K) and their percentile-bootstrap interval over the P rows."""
+    mean = per.mean(axis=0)
+    if n_boot == 0:
+        return mean, mean.copy(), mean.copy()
+    lo, hi = percentile_interval(bootstrap_means(per, n_boot=n_boot, seed=seed), ci)
+    return mean, lo, hi
 
 
 def pass_at_k_paired_diff(
@@ -388,11 +416,10 @@ def seed_prompt_interval(values: Any, *, n_boot: int = 4000, ci: float = 0.95, s
     alpha = (1.0 - ci) / 2.0
     for start in range(0, n_boot, rows):
         b = min(rows, n_boot - start)
-        seed_w = np.stack([np.bincount(rng.integers(0, s, size=s), minlength=s) for _ in range(b)]) / s
-        draws = rng.integers(0, p, size=(b, p)) + (np.arange(b) * p)[:, None]
-        prob_w = np.bincount(draws.ravel(), minlength=b * p).reshape(b, p) / p
+        seed_w = _multiplicities(rng, b, s) / s
+        prob_w = _multiplicities(rng, b, p) / p
         stats[start: start + b] = np.einsum("bs,sp,bp->b", seed_w, x, prob_w)
-    lo, hi = (np.quantile(stats, [alpha, 1.0 - alpha]) if n_boot else (mean, mean))
+    lo, hi = percentile_interval(stats, ci) if n_boot else (mean, mean)
     t_lo = t_hi = float("nan")
     if s >= 2:
         from scipy import stats as sps

@@ -36,12 +36,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from passk_rl.estimators import pass_at_k, pass_at_k_curve
+from passk_rl.estimators import bootstrap_means, pass_at_k, pass_at_k_curve, percentile_interval
 from passk_rl.tasks import STATUSES, Prompt, Task
 
 BUILTIN_MODELS = ("builtin:arith-base",)
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ============================================================================================ reduction
@@ -205,30 +204,12 @@ def resolve_models(specs: Sequence[str], labels: Optional[Sequence[str]] = None,
 
 
 def init_local_ray(num_cpus: int = 4) -> bool:
-    """Start a private local Ray cluster unless one is initialised already; True when this call started it."""
-    import ray
+    """Start a private local Ray cluster unless one is initialised already; True when this call started it.
 
-    if ray.is_initialized():
-        return False
-    # Actor processes import passk_rl/actors/cluster: the repository must be importable there too.
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                        "TOKENIZERS_PARALLELISM": "false"}}
-    for attempt in (1, 2):
-        try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                     log_to_driver=False)
-            return True
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet is slow to register
-            # Ray waits a fixed 30 s for the raylet; on a machine saturated by other jobs that can run out once.
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-            _log(f"Ray did not start ({e}); retrying once")
-            try:
-                ray.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            time.sleep(5)
-    return True
+    Unlike the trainer it never joins a Ray job's cluster: ``evaluate_models`` promises one private cluster."""
+    from cluster.ray_init import start_ray
+
+    return start_ray(address="local", num_cpus=num_cpus, log_to_driver=False, join_ray_job=False, log=_log)
 
 
 def _log(msg: str) -> None:
@@ -426,19 +407,16 @@ def _per_problem(ev: Mapping[str, Any], k: int) -> Optional[np.ndarray]:
     return np.asarray(pass_at_k(np.full_like(c, int(ev["n"])), c, np.full_like(c, k)), dtype=np.float64)
 
 
-def _interval(stats: np.ndarray, mean: float, ci: float) -> Dict[str, float]:
-    a = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(stats, [a, 1.0 - a])
-    return {"mean": float(mean), "lo": float(lo), "hi": float(hi)}
+def _interval(v: np.ndarray, *, n_boot: int, seed: int, ci: float) -> Dict[str, float]:
+    """Mean of per-problem values ``v`` and its percentile-bootstrap interval over problems.
 
-
-def _resample_counts(p: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, p) multiplicities of problems in bootstrap resamples (rows sum to p), shared by all methods so
-    differences between methods are paired on the same resampled problems."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, p, size=(n_boot, p))
-    offsets = (np.arange(n_boot) * p)[:, None]
-    return np.bincount((draws + offsets).ravel(), minlength=n_boot * p).reshape(n_boot, p).astype(np.float64)
+    Every call with the same ``seed`` on the same problems resamples the same problems, so the interval of a
+    difference of two methods is paired and agrees with the two methods' own intervals."""
+    m = float(v.mean()) if v.size else float("nan")
+    if n_boot == 0 or v.size == 0:
+        return {"mean": m, "lo": m, "hi": m}
+    lo, hi = percentile_interval(bootstrap_means(v, n_boot=n_boot, seed=seed), ci)
+    return {"mean": m, "lo": float(lo), "hi": float(hi)}
 
 
 class _Pool:
@@ -448,11 +426,10 @@ class _Pool:
 
     def __init__(self, runs: Sequence[RunRecord], methods: Sequence[str], *, n_boot: int, seed: int, ci: float):
         self.runs, self.methods, self.ci = list(runs), list(methods), ci
+        self.n_boot, self.seed = n_boot, seed
         ids = [tuple(r.final.get("prompt_ids") or ()) for r in self.runs]
         self.paired = all("counts" in r.final and "n" in r.final for r in self.runs) and len(set(ids)) == 1
-        p = len(self.runs[0].final["counts"]) if self.paired else 0
-        self.resamples = _resample_counts(p, n_boot, seed) if self.paired and n_boot > 0 and p > 0 else None
-        self.p = p
+        self.p = len(self.runs[0].final["counts"]) if self.paired else 0
         self._cache: Dict[Tuple[str, int], Optional[np.ndarray]] = {}
 
     def runs_of(self, method: str) -> List[RunRecord]:
@@ -465,18 +442,12 @@ class _Pool:
             self._cache[key] = None if any(x is None for x in rows) else np.mean(rows, axis=0)
         return self._cache[key]
 
-    def _boot(self, v: np.ndarray) -> np.ndarray:
-        return self.resamples @ v / self.p
-
     def stat(self, method: str, k: int) -> Optional[Dict[str, float]]:
         if self.paired:
             v = self.per_problem(method, k)
             if v is None:
                 return None
-            if self.resamples is None:
-                m = float(v.mean())
-                return {"mean": m, "lo": m, "hi": m}
-            return _interval(self._boot(v), float(v.mean()), self.ci)
+            return _interval(v, n_boot=self.n_boot, seed=self.seed, ci=self.ci)
         vals = [r.final["pass_at_k"].get(str(k)) for r in self.runs_of(method)]
         if not vals or any(v is None for v in vals):
             return None
@@ -489,10 +460,7 @@ class _Pool:
         va, vb = self.per_problem(a, k), self.per_problem(b, k)
         if va is None or vb is None:
             return None
-        d = va - vb
-        if self.resamples is None:
-            return {"mean": float(d.mean()), "lo": float(d.mean()), "hi": float(d.mean())}
-        return _interval(self._boot(d), float(d.mean()), self.ci)
+        return _interval(va - vb, n_boot=self.n_boot, seed=self.seed, ci=self.ci)
 
 
 def verdicts(pool: _Pool, target: Mapping[str, Optional[int]], ks: Sequence[int]) -> List[Dict[str, Any]]:

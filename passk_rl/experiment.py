@@ -308,7 +308,8 @@ def _same_config(saved: Path, cfg: Config) -> bool:
         return False
     a, b = to_dict(old), to_dict(cfg)
     for d in (a, b):
-        d["run"].pop("output_dir", None)
+        for key in ("output_dir", "overwrite", "resume"):  # where and how it was launched, not what was trained
+            d["run"].pop(key, None)
     return a == b
 
 
@@ -365,20 +366,18 @@ class Runner:
     def _launch(self, run: Run) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{run.name}.train.log"
-        cmd = [sys.executable, "-m", "passk_rl.launch", "--config", str(self.planner.base), *run.overrides]
+        # an unfinished run's directory (a crash, an interrupted experiment) is replaced, never mixed into
+        cmd = [sys.executable, "-m", "passk_rl.launch", "--config", str(self.planner.base), *run.overrides,
+               "run.overwrite=true"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                    TOKENIZERS_PARALLELISM="false")
-        for attempt in (1, 2):
-            with open(log_path, "w") as fh:
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            if proc.returncode == 0 and run_finished(run):
-                return
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-            # Ray's fixed 30 s raylet registration can time out on a saturated machine: one retry for that only.
-            if attempt == 1 and "timed out" in tail and "raylet" in tail.lower():
-                _log(f"{run.name}: Ray did not start in time; retrying once")
-                continue
-            raise RuntimeError(f"training {run.name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+        # (a slow Ray start is retried inside the launch: cluster/ray_init.py)
+        with open(log_path, "w") as fh:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        if proc.returncode == 0 and run_finished(run):
+            return
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"training {run.name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
 
     # ---------------------------------------------------------------------------------------- evaluation
     def eval_dir(self, split: str, num_prompts: int, n: int, seed: int, temperature: float) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -42,15 +43,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if plan is not None and not plan.fits:
         print("the placement plan does not fit:\n" + plan.render(), file=sys.stderr)
         return 3
-    from passk_rl.trainer import Trainer, TrainingAborted
+    from passk_rl.trainer import Preempted, RunDirError, Trainer, TrainingAborted
 
     trainer = Trainer(cfg)
+    # `ray job stop` and schedulers' preemption send SIGTERM: finish the step, checkpoint, exit (the job needs a
+    # grace period longer than a step: RAY_JOB_STOP_WAIT_TIME_S in the job's runtime env, see README)
+    signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop("SIGTERM"))
     try:
         trainer.setup()
         trainer.train()
+    except RunDirError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
     except TrainingAborted as e:
         print(f"training stopped: {e}", file=sys.stderr, flush=True)
         return 4
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return 5
     finally:
         trainer.shutdown()
     return 0

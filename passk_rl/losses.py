@@ -117,6 +117,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 dual_clip: Optional[float] = None, aggregation: str = "seq_mean_token_sum",
                 num_seqs: Optional[float] = None, num_tokens: Optional[float] = None,
                 max_len: Optional[float] = None, log_ratio_clamp: float = 20.0,
+                is_weights: Optional[torch.Tensor] = None,
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """PPO-clipped surrogate (Schulman et al. 2017, arXiv 1707.06347) with asymmetric clip (DAPO "clip-higher").
 
@@ -127,7 +128,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
     Args: logprobs (B,T) with grad; old_logprobs (B,T) behaviour logprobs (no grad needed); advantages (B,) or
     (B,T); mask (B,T). ``log_ratio_clamp`` bounds |log r| before exp so a stale/garbage behaviour logprob cannot
-    overflow (tokens outside the bound get zero gradient through the ratio).
+    overflow (tokens outside the bound get zero gradient through the ratio). ``is_weights`` (B,T), optional,
+    multiplies each token's term (off-policy correction: with ``old_logprobs`` the learner's own logprobs at the
+    start of the update, w = π_old/μ for samples drawn from an older policy μ — decoupled PPO, Hilton et al.
+    2021 / AReaL; truncated at a cap: TIS).
 
     At ratio 1 (logprobs == old_logprobs numerically) with "seq_mean_token_sum" the gradient is
     −(1/B) Σ_i A_i ∇log π(y_i), the project's mean convention.
@@ -157,6 +161,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg = torch.maximum(pg1, pg2)
     clipped = pg2 > pg1
+    if is_weights is not None:
+        if is_weights.shape != (B, T):
+            raise ValueError(f"is_weights must be (B,T)=({B},{T}), got {tuple(is_weights.shape)}")
+        pg = pg * is_weights.detach().to(pg.dtype)
     lower = torch.zeros_like(clipped)
     if dual_clip is not None:
         bound = -adv * dual_clip

@@ -1,4 +1,5 @@
-"""Run metrics: per-phase timers, batch pass@k, the metrics.jsonl writer and Ray dashboard gauges."""
+"""Run metrics: per-phase timers, batch pass@k, the run's trackers (metrics.jsonl, TensorBoard, optional wandb)
+and Ray dashboard gauges."""
 
 from __future__ import annotations
 
@@ -51,6 +52,110 @@ class JsonlWriter:
             f.write(json.dumps(record, default=_jsonable) + "\n")
 
 
+TRACKERS = ("jsonl", "tensorboard", "wandb")
+
+
+def flatten_scalars(record: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
+    """Numeric leaves of a (nested) step record as ``a/b`` tags; booleans count as 0/1, None and text are left out."""
+    out: Dict[str, float] = {}
+    for key, v in record.items():
+        tag = f"{prefix}{key}"
+        if isinstance(v, dict):
+            out.update(flatten_scalars(v, tag + "/"))
+        elif isinstance(v, (bool, np.bool_)):
+            out[tag] = float(v)
+        elif isinstance(v, (int, float, np.integer, np.floating)) and np.isfinite(float(v)):
+            out[tag] = float(v)
+    return out
+
+
+class Trackers:
+    """Where a run's records go: ``metrics.jsonl`` always, TensorBoard event files in the run directory, wandb in
+    offline mode (its files under the run directory; ``wandb sync`` uploads them later) when asked.
+
+    Step records become scalars (nested keys as ``learner/grad_norm``, ``phase_seconds/generate``; p̂ and K as
+    their own series), the per-prompt p̂ of each step a histogram, held-out evaluations ``eval/pass@k`` scalars plus
+    the pass@k curve at that step, and figures images.
+    """
+
+    def __init__(self, run_dir: Path, names: Iterable[str], *, run_name: str, config: Dict[str, Any],
+                 resume: bool = False):
+        names = list(dict.fromkeys(names))
+        bad = [n for n in names if n not in TRACKERS]
+        if bad:
+            raise ValueError(f"unknown tracker {bad[0]!r}; known: {list(TRACKERS)}")
+        self.run_dir = Path(run_dir)
+        self.jsonl = JsonlWriter(self.run_dir / "metrics.jsonl") if "jsonl" in names else None
+        self.tb = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if "wandb" in names:
+            import os
+
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")  # no network at run time; `wandb sync` later
+            self.wandb = wandb.init(project="passk-rl", name=run_name, dir=str(self.run_dir), config=config,
+                                    resume="allow" if resume else None, reinit=True)
+
+    def resumed(self, step: int) -> None:
+        """A run resumed from ``step``: TensorBoard drops the events the interrupted run wrote after it (its
+        ``purge_step``), as ``metrics.jsonl`` is cut back to it."""
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=int(step) + 1)
+
+    def log_step(self, record: Dict[str, Any], *, p_hat: Optional[Iterable[float]] = None) -> None:
+        step = int(record["step"])
+        if self.jsonl is not None:
+            self.jsonl.write(record)
+        scalars = flatten_scalars({k: v for k, v in record.items() if k != "step"})
+        if self.tb is not None:
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, step)
+            if p_hat is not None:
+                self.tb.add_histogram("p_hat/per_prompt", np.asarray(list(p_hat), dtype=np.float64), step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def log_eval(self, result: Dict[str, Any], *, step: int) -> None:
+        curve = {int(k): float(v["mean"]) for k, v in result.get("pass_at_k", {}).items()}
+        if self.tb is not None:
+            for k, v in sorted(curve.items()):
+                self.tb.add_scalar(f"eval/pass@{k}", v, step)
+            # the curve itself at this step: x = k, one point per k (TensorBoard shows it under "Custom" as text)
+            self.tb.add_text("eval/pass_at_k_curve",
+                             " | ".join(f"pass@{k} = {v:.4f}" for k, v in sorted(curve.items())), step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"eval/pass@{k}": v for k, v in curve.items()}, step=step)
+
+    def log_image(self, tag: str, path: Path, *, step: int) -> None:
+        if self.tb is not None:
+            import matplotlib.image as mpimg
+
+            img = mpimg.imread(str(path))
+            self.tb.add_image(tag, img[..., :3], step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
@@ -77,6 +182,8 @@ class DashboardMetrics:
         "samples_per_s": "samples per second (whole step)",
         "gen_tokens_per_s": "generated tokens per second (generate phase)",
         "verifier_failures": "verifier timeouts + errors this step",
+        "engine_restarts": "generator engines restarted so far",
+        "truncation_rate": "share of samples cut at max_tokens",
     }
 
     def __init__(self, run_name: str, pass_ks: List[int]):

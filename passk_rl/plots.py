@@ -179,7 +179,7 @@ def _plot_training(rows: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     ax.set_ylabel("mean reward (train batch)")
     ax = axes[0][1]
     ax.step(*_series(rows, "k"), where="post", lw=1.5, label="K used")
-    xs, ys = _series(rows, "k_schedule")
+    xs, ys = _series(rows, "k_requested")
     if ys and ys != _series(rows, "k")[1]:
         ax.step(xs, ys, where="post", lw=1.0, ls="--", label="K asked by schedule")
     ax.set_ylabel("K")

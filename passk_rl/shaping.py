@@ -8,6 +8,7 @@ Public API
 ``expected_gain(name, n, p, *, k=1, oracle_p_hat=False, **params)``  exact finite-n gain (below)
 ``advantage_bound(name, n, *, k=1, **params)``        largest |A| the group form gives at n (0/1 rewards)
 ``scale_violations(name, rewards, advantages, *, k, ratio)``  groups whose |A| exceed ratio x that bound
+``shape_masked(name, rewards, keep, *, k, p_hat, **params)``  groups shaped on their kept samples only
 ``info(name) -> ShapingInfo``, ``SHAPINGS`` (names), ``REGISTRY`` (name -> ShapingSpec)
 
 Conventions
@@ -64,6 +65,7 @@ __all__ = [
     "expected_gain",
     "advantage_bound",
     "scale_violations",
+    "shape_masked",
     "info",
     "ShapingInfo",
     "ShapingSpec",
@@ -1015,3 +1017,41 @@ def scale_violations(name: str, rewards: Any, advantages: Any, *, k: int = 1, ra
     worst = np.where(np.isfinite(a).all(axis=1), np.abs(a).max(axis=1), np.inf)
     # 1e-9: float round-off between the clipped p_hat form and the group form at the same count
     return np.flatnonzero(worst > ratio * bound + 1e-9)
+
+
+def shape_masked(name: str, rewards: Any, keep: Any, *, k: int = 1, p_hat: Any = None, **params: Any) -> np.ndarray:
+    """``shape`` where some samples carry no evidence (a verifier timeout or crash; optionally a truncated answer).
+
+    ``keep`` (G, n) bool marks the samples that count. A group with every sample kept is shaped as usual; a group
+    with some left out is shaped on its kept samples alone, as a group of n' < n (its baseline and its pass@k
+    statistics then never see a reward that is not a verdict), with K moved into what the shaping accepts at n'
+    (a group left with too few samples for any admissible K gets no advantage). Left-out samples get 0.
+    Returns a float64 numpy array (G, n).
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    m = np.asarray(keep, dtype=bool)
+    if m.shape != r.shape:
+        raise ValueError(f"shape_masked: keep {m.shape} and rewards {r.shape} must have the same shape")
+    ph = None if p_hat is None else np.asarray(p_hat, dtype=np.float64)
+    full = m.all(axis=1)
+    out = np.zeros_like(r)
+    if full.any():
+        out[full] = np.asarray(shape(name, torch.tensor(r[full]), k=k, p_hat=None if ph is None else torch.tensor(ph[full]),
+                                     **params), dtype=np.float64)
+    spec = _get(name)
+    for g in np.flatnonzero(~full):
+        idx = np.flatnonzero(m[g])
+        n_g = idx.size
+        kk = k
+        if spec.info.uses_k and not spec.info.uses_k_weights:
+            hi = n_g - 1 if spec.info.needs_k_le_n_minus_1 else n_g
+            kk = min(max(k, spec.info.min_k), hi)
+        try:
+            (spec.check or (lambda n_, k_, o: spec.info.check_k(n_, k_)))(n_g, kk, _resolve(spec, params))
+            if n_g < 1 or kk < 1:
+                raise ValueError("no samples")
+        except ValueError:
+            continue  # too few kept samples for this shaping: the group teaches nothing this step
+        out[g, idx] = np.asarray(shape(name, torch.tensor(r[g:g + 1, idx]), k=kk,
+                                       p_hat=None if ph is None else torch.tensor(ph[g:g + 1]), **params))[0]
+    return out

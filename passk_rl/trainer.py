@@ -8,6 +8,7 @@ The driver holds no model; it moves prompts, token ids, rewards and advantages b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 
 from passk_rl import shaping
-from passk_rl.config import Config, dump_yaml
-from passk_rl.metrics import PHASES, JsonlWriter, PhaseTimer, batch_pass_at_k
+from passk_rl.config import Config, dump_yaml, to_dict
+from passk_rl.metrics import PHASES, PhaseTimer, Trackers, batch_pass_at_k
+from passk_rl.rollout import RolloutStage
 from passk_rl.tasks import STATUSES, Prompt, make_task
 
 
@@ -54,26 +56,9 @@ def init_ray(cfg: Config) -> bool:
 
     Returns True when this call started a cluster (so shutdown stops only what we started).
     """
-    import ray
+    from cluster.ray_init import start_ray
 
-    if ray.is_initialized():
-        return False
-    in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
-    # Worker processes import passk_rl/actors/cluster: make the repo importable for them too.
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                        "TOKENIZERS_PARALLELISM": "false",
-                        # vLLM's per-request INFO lines would bury the run's own status line in the job log.
-                        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
-    if in_job:
-        ray.init(address="auto", runtime_env=env)
-        return False
-    if cfg.cluster.address == "local":
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1),
-                 include_dashboard=False, runtime_env=env)
-        return True
-    ray.init(address=cfg.cluster.address, runtime_env=env)
-    return False
+    return start_ray(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1))
 
 
 def _json_state(state: Any) -> Any:
@@ -100,10 +85,49 @@ class TrainingAborted(RuntimeError):
     """The run stopped itself because its numbers went wrong (the message says which and where)."""
 
 
+class Preempted(RuntimeError):
+    """A stop was asked for (SIGTERM, ``ray job stop``): a checkpoint was written at the step boundary."""
+
+
+class RunDirError(ValueError):
+    """The run directory holds another run and the config neither resumes nor overwrites it."""
+
+
+def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
+    """``run.checkpoint_dir/<name>`` when set (e.g. storage every node reaches), else ``<run dir>/checkpoints``."""
+    if cfg.run.checkpoint_dir:
+        return Path(cfg.run.checkpoint_dir).expanduser().resolve() / cfg.run.name
+    return run_dir / "checkpoints"
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """``<output_dir>/<name>``, absolute; an existing run there is continued (resume), deleted (overwrite) or
+    refused: metrics and checkpoints of two runs are never mixed. Raises before any actor starts."""
+    out = Path(cfg.run.output_dir).expanduser()
+    if not out.is_absolute() and os.environ.get("RAY_JOB_ID"):
+        # inside `ray job submit --working-dir` the cwd is Ray's temporary copy of the working dir, deleted later
+        raise RunDirError(f"run.output_dir={cfg.run.output_dir!r} is relative inside a Ray job, where it would land "
+                          f"in Ray's temporary copy of the working directory; give an absolute path")
+    run_dir = (out / cfg.run.name).resolve()
+    ckpts = checkpoint_root(cfg, run_dir)
+    holds_run = (run_dir.is_dir() and any((run_dir / f).exists() for f in
+                                          ("metrics.jsonl", "checkpoints", "summary.json", "final_model"))
+                 or ckpts.is_dir() and any(ckpts.iterdir()))
+    if holds_run and not cfg.run.resume:
+        if not cfg.run.overwrite:
+            raise RunDirError(f"{run_dir} already holds a run; set run.resume=true to continue it, "
+                              f"run.overwrite=true to delete it and start over, or another run.name")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(ckpts, ignore_errors=True)
+    return run_dir
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.run_dir = Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
+        self.ckpt_root = checkpoint_root(cfg, self.run_dir)
+        self.stop_signal: Optional[str] = None
         self.started_ray = False
         self.gen = self.verifier = self.learner = self.phat = self.dash = None
         self.placement = None
@@ -111,17 +135,22 @@ class Trainer:
         self.status_totals = {s: 0 for s in STATUSES}
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self._health: List[Dict[str, int]] = []  # per-step verdict counts of the verifier health window
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.log(f"run {cfg.run.name}: writing to {self.run_dir}")
+        self.run_dir = prepare_run_dir(cfg)
+        self.ckpt_root = checkpoint_root(cfg, self.run_dir)
+        self.log(f"run {cfg.run.name}: writing to {self.run_dir}"
+                 + (f" (checkpoints: {self.ckpt_root})" if self.ckpt_root.parent != self.run_dir else ""))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists() and not cfg.run.resume:
             metrics.unlink()
-        self.metrics = JsonlWriter(metrics)
+        self.trackers = Trackers(self.run_dir, cfg.logging.trackers, run_name=cfg.run.name, config=to_dict(cfg),
+                                 resume=cfg.run.resume)
 
         # Everything that can fail on bad input happens before any actor starts.
         self.task = make_task(cfg.task.name, **cfg.task.params)
@@ -158,37 +187,24 @@ class Trainer:
                                  strategy=cfg.cluster.placement_strategy)
         self.phat = create_phat_actor(cfg.run.name, estimator=cfg.estimator.kind,
                                       estimator_params=cfg.estimator.params, schedule=cfg.schedule.kind,
-                                      schedule_params=cfg.schedule.params, n=cfg.generator.n)
+                                      schedule_params=cfg.schedule.params, n=cfg.generator.n,
+                                      shaping=cfg.algorithm.shaping)
         if cfg.logging.ray_metrics:
             self.dash = create_dashboard_actor(cfg.run.name, cfg.logging.pass_at_ks)
-        self.transport = make_transport(cfg.sync.transport, root=cfg.sync.root, run_name=cfg.run.name)
+        sync_opts = {"root": cfg.sync.root, "keep_last": cfg.sync.keep_last,
+                     "verify_checksum": cfg.sync.verify_checksum} if cfg.sync.transport == "shm_safetensors" else {}
+        self.transport = make_transport(cfg.sync.transport, run_name=cfg.run.name, **sync_opts)
         self.verifier = VerifierPool(cfg.task.name, cfg.task.params, num_workers=cfg.verifier.num_workers,
                                      timeout_s=cfg.verifier.timeout_s,
                                      num_cpus_per_worker=cfg.verifier.num_cpus_per_worker)
-        g = cfg.generator
-        self.gen = GeneratorPool(
-            g.num_engines,
-            dict(model_path=self.model_path, device=cfg.cluster.device, seed=cfg.run.seed,
-                 kv_cache_bytes=int(g.kv_cache_gib * 2**30), max_model_len=cfg.model.max_model_len,
-                 dtype=cfg.model.dtype, tensor_parallel_size=g.tensor_parallel_size, enforce_eager=g.enforce_eager,
-                 gpu_memory_utilization=g.gpu_memory_utilization, max_num_seqs=g.max_num_seqs,
-                 transport=self.transport),
-            device=cfg.cluster.device, num_cpus_per_engine=g.num_cpus_per_engine,
-            placement_group=self.placement.generator_pg, bundle_indices=list(range(g.num_engines)),
-        )
-        L = cfg.learner
-        self.learner = LearnerGroup(
-            L.world_size, self.model_path, device=cfg.cluster.device, num_cpus_per_rank=L.num_cpus_per_rank,
-            placement_group=self.placement.learner_pg, zero_stage=L.zero_stage, lr=L.lr,
-            weight_decay=L.weight_decay, betas=tuple(L.betas), grad_clip=L.grad_clip,
-            micro_batch_size=L.micro_batch_size, clip_low=L.clip_low, clip_high=L.clip_high,
-            aggregation=L.aggregation, kl_coef=L.kl_coef, kl_estimator=L.kl_estimator, ref_model=L.kl_coef > 0,
-            # The generator reports raw (temperature-1) logprobs, so the learner scores at temperature 1 too:
-            # the PPO ratio is then exactly 1 on the first epoch when weights are in sync.
-            temperature=1.0,
-            gradient_checkpointing=L.gradient_checkpointing, seed=cfg.run.seed,
-            bf16=cfg.model.dtype == "bfloat16",
-        )
+        self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
+                                             placement_group=self.placement.generator_pg)
+        self.learner = LearnerGroup.from_config(cfg, self.model_path, placement_group=self.placement.learner_pg)
+        g, L = cfg.generator, cfg.learner
+        self.rollout = RolloutStage(gen=self.gen, verifier=self.verifier, task=self.task, tokenizer=self.tokenizer,
+                                    draw=self.next_prompts, order_state=lambda: (list(self.order), self.rng.getstate()),
+                                    n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+                                    seed=cfg.run.seed, max_staleness=cfg.algorithm.max_staleness)
         self.log(f"actors up in {time.perf_counter() - t0:.1f}s: {g.num_engines} generator engine(s), "
                  f"{cfg.verifier.num_workers} verifier(s), {L.world_size} learner rank(s), p̂ actor "
                  f"{cfg.estimator.kind}/{cfg.schedule.kind}")
@@ -215,11 +231,15 @@ class Trainer:
             summary["base_eval"] = json.loads(base.read_text()) if first > 1 and base.is_file() else self.evaluate(step=0)
         t_start = time.perf_counter()
         for step in range(first, cfg.run.steps + 1):
-            record = self.step(step)
+            self.run_step(step)
             if cfg.eval.enabled and cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
-                record["eval"] = self.evaluate(step=step)
+                self.evaluate(step=step)
             if cfg.run.checkpoint_interval and step % cfg.run.checkpoint_interval == 0:
                 self.save_checkpoint(step)
+            if self.stop_signal is not None and step < cfg.run.steps:
+                ck = self.save_checkpoint(step)
+                raise Preempted(f"{self.stop_signal} received: stopped after step {step} with a checkpoint at {ck}; "
+                                f"continue with run.resume=true")
         summary["train_seconds"] = time.perf_counter() - t_start
         if cfg.run.steps > 0:
             self.save_checkpoint(cfg.run.steps, final=True)
@@ -231,42 +251,72 @@ class Trainer:
             from passk_rl.plots import plot_run
 
             summary["plots"] = [str(p) for p in plot_run(self.run_dir)]
+            for p in summary["plots"]:
+                self.trackers.log_image(f"figures/{Path(p).stem}", Path(p), step=cfg.run.steps)
         except Exception as e:  # the run itself is done and saved; a plotting problem must not lose it
             self.log(f"plotting failed ({type(e).__name__}: {e}); metrics and summary are saved")
         self.print_summary(summary)
         return summary
+
+    def run_step(self, step: int) -> Dict[str, Any]:
+        """``step`` plus what happens when a part dies under it.
+
+        A generator engine the pool could not bring back (``EngineLost``): a checkpoint of the last consistent
+        state is written (the previous step when the engines died while sampling — nothing of this step was used
+        yet; this step once its update was applied) and the run stops, to be continued with ``run.resume=true``.
+        A learner rank or the p̂ actor dying loses state that only a checkpoint has: the run stops naming the
+        newest complete checkpoint, which stays untouched."""
+        import ray
+
+        from actors.generator import EngineLost
+        from passk_rl import checkpoint
+
+        self._start_state = (*self.rollout.untrained_order_state(), dict(self.status_totals), self.skipped_total)
+        self._updated = False
+        try:
+            return self.step(step)
+        except EngineLost as e:
+            if self._updated:
+                ck = self.save_checkpoint(step)
+            else:
+                ck = self.save_checkpoint(step - 1, state=self._start_state)
+            raise TrainingAborted(f"step {step}: {e}. Checkpoint of step {checkpoint.step_of(ck)} written to {ck}; "
+                                  f"continue with run.resume=true once the engines can start") from e
+        except ray.exceptions.RayActorError as e:
+            newest, _ = checkpoint.usable(self.ckpt_root, log=lambda m: None)
+            where = f"the newest complete checkpoint is {newest}" if newest else "there is no checkpoint yet"
+            raise TrainingAborted(f"step {step}: an actor died ({str(e).splitlines()[0][:300]}); {where}, untouched; "
+                                  f"continue with run.resume=true") from e
 
     def step(self, step: int) -> Dict[str, Any]:
         cfg, g = self.cfg, self.cfg.generator
         timer = PhaseTimer()
         import ray
 
-        with timer.phase("generate"):
-            prompts = self.next_prompts()
-            texts = [self.task.format_prompt(p, self.tokenizer) for p in prompts]
-            samples = self.gen.generate(texts, n=g.n, temperature=g.temperature, top_p=g.top_p,
-                                        max_tokens=g.max_tokens, seed=cfg.run.seed * 1_000_003 + step)
-        with timer.phase("verify"):
-            flat_prompts = [p for p in prompts for _ in range(g.n)]
-            flat_completions = [s.text for group in samples for s in group]
-            verdicts = self.verifier.verify(flat_prompts, flat_completions)
-            rewards = np.array([v.reward for v in verdicts], dtype=np.float64).reshape(len(prompts), g.n)
-            status_counts = self.verifier.last_counts()  # the pool counts every verdict of this call
-            for s, c in status_counts.items():
-                self.status_totals[s] += c
+        with timer.phase("generate"):  # and verify: the rollout stage samples and verifies (passk_rl/rollout.py)
+            ro = self.rollout.get(step)
+            prompts, samples, verdicts, rewards, truncated = ro.prompts, ro.samples, ro.verdicts, ro.rewards, ro.truncated
+        # What the driver waited for: all of both when the batch was made now, the rest of it when prefetched.
+        waited = timer.seconds["generate"]
+        timer.seconds["verify"] = min(ro.verify_seconds, waited)
+        timer.seconds["generate"] = waited - timer.seconds["verify"]
+        status_counts = ro.status_counts
+        for s, c in status_counts.items():
+            self.status_totals[s] += c
+        self.check_verifier_health(step, status_counts)
         with timer.phase("stats"):
+            # A sample whose verifier timed out or crashed has no verdict (nor, when asked, a truncated answer): it is
+            # no evidence about the policy, so p̂ leaves it out, and its group is shaped on the other samples alone
+            # (it neither enters the baseline nor gets an advantage).
             verified = np.array([v.status not in ("timeout", "error") for v in verdicts]).reshape(rewards.shape)
-            decision = ray.get(self.phat.observe.remote([p.id for p in prompts], rewards, step=step,
-                                                        verified=verified))
+            keep = verified & ~truncated if g.mask_truncated else verified
+            decision = ray.get(self.phat.observe.remote([p.id for p in prompts], rewards, step=step, verified=keep))
         with timer.phase("shape"):
-            k_used = self.admissible_k(decision.k)
-            k_arg, params, p_hat = self.shaping_args(decision, k_used)
-            advantages = shaping.shape(cfg.algorithm.shaping, torch.tensor(rewards, dtype=torch.float64), k=k_arg,
-                                       p_hat=p_hat, **params).numpy()
+            k_arg, params, p_hat = self.shaping_args(decision)
+            advantages = shaping.shape_masked(cfg.algorithm.shaping, rewards, keep, k=k_arg, p_hat=p_hat, **params)
             self.check_advantages(step, prompts, rewards, advantages, k_arg, params)
-            # A sample whose verifier timed out or crashed has no verdict: its reward of 0 stays in the group's
-            # baseline, but it is not pushed down as if it were wrong.
-            advantages = np.where(verified, advantages, 0.0)
+        if step < cfg.run.steps:
+            self.rollout.prefetch(step + 1)  # max_staleness 1: the next batch is sampled while the learner trains
         with timer.phase("update"):
             batch = [
                 {"prompt_token_ids": s.prompt_token_ids, "response_token_ids": s.token_ids,
@@ -274,21 +324,31 @@ class Trainer:
                 for i, group in enumerate(samples) for j, s in enumerate(group)
             ]
             train_metrics = self.learner.train_step(batch, step=step)
+            self._updated = True
             update_skipped = self.check_update(step, prompts, advantages, train_metrics)
         with timer.phase("sync"):
+            self.rollout.wait_idle()  # an engine never swaps weights in the middle of a batch
             handle = self.learner.publish_weights(self.transport, step=step)
             self.gen.sync_weights(handle)
+            self.rollout.synced(step)
             probe = self.sync_probe(batch[0]) if cfg.sync.probe else None
         with timer.phase("log"):
             gen_tokens = sum(len(s.token_ids) for group in samples for s in group)
+            # identifies exactly what was sampled: an exact resume reproduces it step for step
+            digest = hashlib.sha256(np.array([t for group in samples for s in group for t in (*s.token_ids, -1)],
+                                             dtype=np.int64).tobytes()).hexdigest()[:16]
             record: Dict[str, Any] = {
                 "step": step,
-                "k": k_used,
-                "k_schedule": decision.k,
+                "staleness": (step - 1) - ro.weights_version,
+                "rollout_generate_s": ro.generate_seconds,
+                "rollout_verify_s": ro.verify_seconds,
+                "k": decision.k,
+                "k_requested": decision.k_requested if decision.k is not None else None,
                 "k_weights": decision.k_weights,
                 "p_hat_global": decision.p_global,
                 "p_hat_samples": decision.total_samples,
                 "verified_samples": int(verified.sum()),
+                "truncation_rate": float(truncated.mean()),
                 "reward_mean": float(rewards.mean()),
                 **batch_pass_at_k(rewards, cfg.logging.pass_at_ks),
                 "verifier_status": status_counts,
@@ -299,42 +359,38 @@ class Trainer:
                 "update_skipped": update_skipped,
                 "updates_skipped_total": self.skipped_total,
                 "gen_tokens": gen_tokens,
-                "gen_tokens_per_s": gen_tokens / max(timer.seconds["generate"], 1e-9),
+                "samples_digest": digest,
+                "gen_tokens_per_s": gen_tokens / max(ro.generate_seconds, 1e-9),
                 "sync_probe_max_abs_diff": probe,
+                "engine_restarts": self.gen.restarts,
                 "learner": train_metrics,
             }
         record["phase_seconds"] = dict(timer.seconds)
         record["step_seconds"] = timer.total()
         record["samples_per_s"] = len(batch) / max(timer.total(), 1e-9)
-        self.metrics.write(record)
+        self.trackers.log_step(record, p_hat=decision.p_hat)
         if self.dash is not None:
             self.dash.report.remote(record)
         if cfg.logging.console_every and step % cfg.logging.console_every == 0:
             ks = " ".join(f"pass@{k}={record[f'pass@{k}']:.3f}" for k in cfg.logging.pass_at_ks if f"pass@{k}" in record)
-            self.log(f"step {step}/{cfg.run.steps}  K={k_used}  p̂={decision.p_global:.3f}  "
+            k_text = "—" if decision.k is None else (
+                "{" + ",".join(f"{k}:{w:g}" for k, w in decision.k_weights.items()) + "}" if decision.k_weights
+                else str(decision.k))
+            self.log(f"step {step}/{cfg.run.steps}  K={k_text}  p̂={decision.p_global:.3f}  "
                      f"reward={record['reward_mean']:.3f}  {ks}  fail={record['verifier_failures']}  "
                      f"{record['step_seconds']:.1f}s ({record['samples_per_s']:.1f} samples/s)")
         return record
 
-    def admissible_k(self, k: int) -> int:
-        """The schedule's K moved into the range the configured shaping accepts for n samples per prompt
-        (e.g. ``pkpo_loo_minus_one`` needs 2 ≤ K ≤ n − 1); shaping-agnostic schedules need not know it."""
-        info = shaping.info(self.cfg.algorithm.shaping)
-        if not info.uses_k:
-            return int(k)
-        n = self.cfg.generator.n
-        hi = n - 1 if info.needs_k_le_n_minus_1 else n
-        return int(min(max(int(k), info.min_k), hi))
-
-    def shaping_args(self, decision: Any, k: int):
-        """(k, params, p_hat) for ``shaping.shape``: the Ks come from the weights for multi-K shapings, and p̂ from
-        the central actor only for plug-in shapings with ``p_hat_source: estimator``."""
+    def shaping_args(self, decision: Any):
+        """(k, params, p_hat) for ``shaping.shape`` from the p̂ actor's decision (which already holds a K the shaping
+        accepts): the Ks come from the weights for multi-K shapings, and p̂ from the central actor only for plug-in
+        shapings with ``p_hat_source: estimator``."""
         a = self.cfg.algorithm
         params = dict(a.shaping_params)
         info = shaping.info(a.shaping)
+        k = decision.k if decision.k is not None else 1
         if info.uses_k_weights:
-            if decision.k_weights:
-                params["weights"] = decision.k_weights
+            params["weights"] = decision.k_weights
             k = 1
         p_hat = None
         if a.p_hat_source == "estimator" and info.uses_p_hat:
@@ -358,6 +414,23 @@ class Trainer:
                 f"guard.max_advantage_ratio={self.cfg.guard.max_advantage_ratio} × the largest the group form of "
                 f"{self.cfg.algorithm.shaping!r} gives at n={rewards.shape[1]} ({bound:.4g}): {', '.join(worst)}. "
                 f"Check algorithm.p_hat_source / algorithm.shaping_params.")
+
+    def check_verifier_health(self, step: int, counts: Dict[str, int]) -> None:
+        """Stop when more than ``verifier.max_unverified_frac`` of the last ``verifier.health_window`` steps' samples
+        got no verdict: a dead or broken verifier pool would otherwise make every advantage 0 and the run would
+        "train" on nothing."""
+        v = self.cfg.verifier
+        self._health.append(dict(counts))
+        del self._health[:-v.health_window]
+        total = sum(sum(c.values()) for c in self._health)
+        bad = {s: sum(c.get(s, 0) for c in self._health) for s in ("timeout", "error")}
+        if total and len(self._health) == v.health_window and sum(bad.values()) / total > v.max_unverified_frac:
+            reasons = "; ".join(self.verifier.restart_reasons[-3:]) or "none recorded"
+            raise TrainingAborted(
+                f"step {step}: {sum(bad.values())} of the last {total} samples ({v.health_window} steps) got no verdict "
+                f"(timeout: {bad['timeout']}, error: {bad['error']}) > verifier.max_unverified_frac="
+                f"{v.max_unverified_frac}; verifier restarts {self.verifier.restarts}, failed restarts "
+                f"{self.verifier.restart_failures}; recent verifier failures: {reasons}")
 
     def check_update(self, step: int, prompts: List[Prompt], advantages: np.ndarray,
                      metrics: Dict[str, Any]) -> bool:
@@ -386,7 +459,7 @@ class Trainer:
     def sync_probe(self, sample: Dict[str, Any]) -> float:
         """Largest |generator − learner| logprob on one fixed completion, right after the sync."""
         gen_lp = self.gen.score([sample["prompt_token_ids"]], [sample["response_token_ids"]])[0]
-        learn_lp = self.learner.compute_logprobs([sample])[0]
+        learn_lp = self.learner.compute_logprobs([sample], temperature=1.0)[0]  # vLLM's prompt logprobs are at T=1
         return float(np.max(np.abs(np.asarray(gen_lp) - np.asarray(learn_lp)))) if len(gen_lp) else 0.0
 
     # ------------------------------------------------------------------------------------------- eval
@@ -404,6 +477,7 @@ class Trainer:
         res["seconds"] = time.perf_counter() - t0
         if self.dash is not None:
             self.dash.report_eval.remote(res)
+        self.trackers.log_eval(res, step=step)
         out = self.run_dir / "eval"
         out.mkdir(exist_ok=True)
         (out / f"step_{step:06d}.json").write_text(json.dumps(res, indent=2))
@@ -412,43 +486,75 @@ class Trainer:
         return res
 
     # ------------------------------------------------------------------------------------- checkpoint
-    def save_checkpoint(self, step: int, *, final: bool = False) -> None:
+    def request_stop(self, why: str) -> None:
+        """Ask the loop to checkpoint and stop at the next step boundary (signal handlers call this)."""
+        self.stop_signal = why
+        self.log(f"{why} received: stopping after the current step with a checkpoint")
+
+    def save_checkpoint(self, step: int, *, final: bool = False, state: Optional[tuple] = None) -> Path:
+        """Learner (model + optimizer), p̂ actor and driver state (data order, RNG, counters), committed atomically
+        (``passk_rl.checkpoint``): a crash mid-save never leaves a checkpoint that resume would load. ``state``
+        (order, rng state, status totals, skipped total) replaces the driver's current one (the state a step
+        started from, when it failed before using anything)."""
         import ray
 
-        ck = self.run_dir / "checkpoints" / f"step_{step:06d}"
-        ck.mkdir(parents=True, exist_ok=True)
-        self.learner.save_checkpoint(str(ck / "learner"), step=step)
-        torch.save(ray.get(self.phat.state_dict.remote()), ck / "phat.pt")
-        (ck / "driver.json").write_text(json.dumps({"step": step, "order": self.order,
-                                                    "rng": _json_state(self.rng.getstate())}))
+        from passk_rl import checkpoint
+
+        # prompts drawn for a batch not trained on yet (max_staleness 1) go back: a resume draws them again
+        order, rng_state, totals, skipped = state or (*self.rollout.untrained_order_state(), self.status_totals,
+                                                       self.skipped_total)
+        root = self.ckpt_root
+        tmp = root / "(not created)"
+        try:
+            tmp = checkpoint.staging_dir(root, step)
+            self.learner.save_checkpoint(str(tmp / "learner"), step=step)
+            torch.save(ray.get(self.phat.state_dict.remote()), tmp / "phat.pt")
+            (tmp / "driver.json").write_text(json.dumps({
+                "step": step, "order": order, "rng": _json_state(rng_state), "status_totals": totals,
+                "skipped_total": skipped}))
+            ck = checkpoint.commit(root, tmp, step, keep=self.cfg.run.keep_checkpoints)
+        except (OSError, ray.exceptions.RayTaskError) as e:
+            if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, OSError):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial save would only take space; it is never loaded
+            newest, _ = checkpoint.usable(root, log=lambda m: None)
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            raise TrainingAborted(f"the checkpoint of step {step} could not be written ({type(cause).__name__}: "
+                                  f"{cause}); the newest complete checkpoint, {newest or 'none'}, is intact") from e
         if final:
             self.learner.export_hf(str(self.run_dir / "final_model"))
-        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"))
-        for old in ckpts[: -self.cfg.run.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        return ck
 
     def resume(self) -> int:
-        """Restore the newest checkpoint of this run (learner + optimizer, p̂ actor, data order and RNG, publish
-        its weights to the engines); returns its step, or 0 when there is none. Metrics of later steps that the
-        interrupted run wrote after that checkpoint are dropped so metrics.jsonl stays one record per step."""
+        """Restore the newest usable checkpoint of this run (learner + optimizer, p̂ actor, data order, RNG and
+        counters; its weights published to the engines); returns its step, or 0 when there is none. A checkpoint
+        that does not match its manifest is skipped for an older one. Metrics of later steps that the interrupted
+        run wrote after that checkpoint are dropped so metrics.jsonl stays one record per step."""
         import ray
 
-        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"))
-        if not ckpts:
+        from passk_rl import checkpoint
+
+        root = self.ckpt_root
+        ck, skipped = checkpoint.usable(root, log=self.log)
+        if ck is None:
+            if skipped:
+                raise RuntimeError(f"run.resume: no usable checkpoint in {root}: " + "; ".join(skipped))
             self.log("run.resume: no checkpoint yet, starting from step 1")
             return 0
-        ck = ckpts[-1]
-        step = int(ck.name.split("_")[1])
+        step = checkpoint.step_of(ck)
         self.learner.load_checkpoint(str(ck / "learner"))
         ray.get(self.phat.load_state_dict.remote(torch.load(ck / "phat.pt", weights_only=False)))
         driver = json.loads((ck / "driver.json").read_text())
         self.order = list(driver["order"])
         self.rng.setstate(_tuple_state(driver["rng"]))
+        self.status_totals.update(driver.get("status_totals", {}))
+        self.skipped_total = int(driver.get("skipped_total", 0))
         self.gen.sync_weights(self.learner.publish_weights(self.transport, step=step))
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
             keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in keep))
+        self.trackers.resumed(step)
         self.log(f"resumed from {ck} (step {step})")
         return step
 
@@ -474,6 +580,10 @@ class Trainer:
         print(f"[passk_rl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def shutdown(self) -> None:
+        if getattr(self, "rollout", None) is not None:
+            self.rollout.close()
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()
         for obj in (self.gen, self.learner, self.verifier):
             if obj is not None:
                 try:

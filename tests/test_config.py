@@ -86,3 +86,38 @@ def test_fixed_k_the_shaping_cannot_take_is_rejected():
     with pytest.raises(ConfigError, match=r"schedule\.params"):
         config_from_dict({"algorithm": {"shaping": "pkpo_loo"}, "generator": {"n": 8},
                           "schedule": {"kind": "fixed", "params": {"k": 8}}})
+
+
+CFG = "configs/tiny_cpu.yaml"
+
+
+def test_multi_k_pairing_is_a_config_error_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"algorithm.shaping='multi_k' and schedule.kind='fixed'"):
+        load_config(CFG, ["algorithm.shaping=multi_k", "schedule.kind=fixed", "schedule.params={k: 4}"])
+    with pytest.raises(ConfigError, match=r"algorithm.shaping='pkpo_loo_minus_one' and schedule.kind='multi_k'"):
+        load_config(CFG, ["schedule.kind=multi_k", "schedule.params={weights: {1: 1, 8: 1}}"])
+    cfg = load_config(CFG, ["algorithm.shaping=multi_k", "schedule.kind=multi_k",
+                            "schedule.params={weights: {1: 1, 8: 1}}"])
+    assert cfg.schedule.kind == "multi_k"
+
+
+def test_trackers_are_checked():
+    import importlib.util
+
+    assert load_config(CFG).logging.trackers == ["jsonl", "tensorboard"]
+    with pytest.raises(ConfigError, match="logging.trackers: 'csv' is not allowed"):
+        load_config(CFG, ["logging.trackers=[jsonl, csv]"])
+    with pytest.raises(ConfigError, match="'jsonl' is required"):
+        load_config(CFG, ["logging.trackers=[tensorboard]"])
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            load_config(CFG, ["logging.trackers=[jsonl, wandb]"])
+
+
+def test_sampling_the_learner_cannot_score_is_refused():
+    with pytest.raises(ConfigError, match="generator.top_p=0.9"):
+        load_config(CFG, ["generator.top_p=0.9"])
+    assert load_config(CFG, ["generator.temperature=0.7"]).generator.temperature == 0.7
+    for bad in ("learner.ppo_epochs=0", "learner.mini_batches=0", "learner.dual_clip=0.5", "sync.keep_last=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(CFG, [bad])

@@ -94,6 +94,14 @@ def test_job_submit_run_with_every_actor_and_failing_verifiers(ray_cluster, tmp_
     run = runs / "e2e"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    # the same records as TensorBoard events in the run directory, read back with TensorBoard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("reward_mean")] == pytest.approx([r["reward_mean"] for r in records])
+    assert {"k", "p_hat_global", "learner/grad_norm", "eval/pass@1", "eval/pass@4"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("eval/pass@4")] == [0, 2] and "figures/pass_at_k" in acc.Tags()["images"]
     for r in records:
         for key in ("k", "p_hat_global", "reward_mean", "pass@1", "pass@4", "pass@8", "verifier_failures",
                     "verifier_status", "gen_tokens_per_s", "samples_per_s", "step_seconds"):

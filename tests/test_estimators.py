@@ -218,3 +218,27 @@ def test_paired_diff_matches_difference_of_means_and_is_tighter():
     assert np.all(same.mean == 0) and np.all(same.lo == 0) and np.all(same.hi == 0)
     with pytest.raises(ValueError):
         pass_at_k_paired_diff(32, before, after[:-1], ks)
+
+
+def test_bootstrap_means_is_the_naive_bootstrap_and_separate_calls_stay_paired():
+    from passk_rl.estimators import bootstrap_means, percentile_interval
+
+    rng = np.random.default_rng(9)
+    # P large enough that the replicates are drawn in several chunks: the chunking must not change the draws
+    p = 6000
+    a, b = rng.random(p), rng.random(p)
+    reps = bootstrap_means(np.stack([a, b], axis=1), n_boot=1500, seed=11)
+    draws = np.random.default_rng(11).integers(0, p, size=(1500, p))
+    np.testing.assert_allclose(reps, np.stack([a[draws].mean(1), b[draws].mean(1)], axis=1), atol=1e-12)
+    # one column at a time with the same seed resamples the same problems: differences stay paired
+    ra, rb = bootstrap_means(a, n_boot=1500, seed=11), bootstrap_means(b, n_boot=1500, seed=11)
+    np.testing.assert_allclose(ra - rb, bootstrap_means(a - b, n_boot=1500, seed=11), atol=1e-12)
+    assert bootstrap_means(a, n_boot=0, seed=0).shape == (0,)
+    lo, hi = percentile_interval(ra, 0.9)
+    assert (lo, hi) == tuple(np.quantile(ra, [0.05, 0.95]))
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_means(a, n_boot=-1, seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        bootstrap_means(np.zeros((0, 3)), n_boot=10, seed=0)
+    with pytest.raises(ValueError, match="ci"):
+        percentile_interval(ra, 1.0)

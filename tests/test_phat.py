@@ -77,7 +77,7 @@ def test_state_round_trip_and_mismatch():
 
 def test_multi_k_weights_are_handed_out():
     svc = PHatService(estimator="global_counts", estimator_params={}, schedule="multi_k",
-                      schedule_params={"weights": {1: 0.5, 8: 0.5}}, n=16)
+                      schedule_params={"weights": {1: 0.5, 8: 0.5}}, n=16, shaping="multi_k")
     d = svc.observe(["a"], np.zeros((1, 16)), step=1)
     assert d.k_weights == {1: 0.5, 8: 0.5}
 
@@ -94,3 +94,30 @@ def test_named_actor_is_one_per_run():
             create_phat_actor("t-phat", **LINEAR)
     finally:
         ray.shutdown()
+
+
+def test_the_actor_returns_the_k_the_shaping_uses_and_records_that_one():
+    """One K decider: the schedule asks for K = 16 at n = 16, pkpo_loo (needs K ≤ n − 1) gets 15 — and 15 is what the
+    decision, the history and the checkpointed state say; a K-free shaping gets None."""
+    svc = PHatService(estimator="ema", schedule="fixed", schedule_params={"k": 16}, n=16, shaping="pkpo_loo")
+    d = svc.observe(["a"], np.ones((1, 16)), step=1)
+    assert (d.k, d.k_requested) == (15, 16)
+    assert svc.state_dict()["history"][-1]["k"] == 15
+    low = PHatService(estimator="ema", schedule="linear", schedule_params={"k_min": 1, "k_max": 4}, n=16,
+                      shaping="pkpo_loo_minus_one")
+    assert low.observe(["a"], np.zeros((1, 16)), step=1).k == 2  # loo-1 needs K ≥ 2
+    free = PHatService(estimator="ema", schedule="fixed", schedule_params={"k": 4}, n=16, shaping="grpo")
+    d = free.observe(["a"], np.ones((1, 16)), step=1)
+    assert d.k is None and d.k_weights is None and free.history[-1]["k"] is None
+
+
+def test_multi_k_shaping_and_schedule_must_come_together():
+    with pytest.raises(ValueError, match="'multi_k'.*needs"):
+        PHatService(estimator="ema", schedule="fixed", schedule_params={"k": 4}, n=16, shaping="multi_k")
+    with pytest.raises(ValueError, match="cannot take"):
+        PHatService(estimator="ema", schedule="multi_k", schedule_params={"weights": {1: 1, 8: 1}}, n=16,
+                    shaping="pkpo_loo_minus_one")
+    svc = PHatService(estimator="ema", schedule="multi_k", schedule_params={"weights": {1: 0.5, 8: 0.5}}, n=16,
+                      shaping="multi_k")
+    d = svc.observe(["a"], np.zeros((1, 16)), step=1)
+    assert d.k == 8 and d.k_weights == {1: 0.5, 8: 0.5}

@@ -1,17 +1,26 @@
-"""Loading GSM8K / MATH / HumanEval / MBPP from small local files in the standard layouts (jsonl, json,
-parquet), clear errors for malformed rows (file + row named), missing files, and hub ids while offline."""
+"""Loading GSM8K / MATH / HumanEval / MBPP through Hugging Face ``datasets`` from small local sources in the
+standard layouts (jsonl, json, parquet, arrow, save_to_disk directories), clear errors for malformed rows (file +
+row named), missing files, and hub ids without network. No test here touches the network: every test runs with
+internet sockets blocked and its own ``datasets`` cache."""
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 
+import datasets
+import huggingface_hub.constants
 import pytest
 
 from passk_rl.tasks import TASKS, make_task
+from passk_rl.tasks.arith import ArithTask
 from passk_rl.tasks.code import build_program, extract_code, split_check_tests
 from passk_rl.tasks.loaders import DataError, expand_files, read_rows
 
@@ -24,6 +33,28 @@ CODE = os.path.join(DATA, "code")
 def _jsonl(path):
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _no_network_own_cache(monkeypatch, tmp_path_factory):
+    """Internet sockets and DNS (all but loopback) fail at once (so a test that reached for the hub would fail, not hang), and the
+    datasets cache is a fresh directory rather than the user's (no warm cache hides a bug, none is polluted)."""
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+    local = ("127.0.0.1", "::1", "localhost")
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in local:
+            raise OSError(f"network disabled in tests (connect to {address!r})")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in local:
+            raise OSError(f"network disabled in tests (resolve {host!r})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets-cache")))
 
 
 def test_tasks_registered():
@@ -120,27 +151,192 @@ def test_missing_file_and_missing_split():
 
 
 def test_hub_id_offline_says_how_to_use_local_files(monkeypatch):
+    # set after datasets was imported (as a launcher or a test does): the loader must still honour it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-passk-hf-home")  # no warm cache either
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     t = make_task("gsm8k")  # default: the hub id openai/gsm8k
+    start = time.monotonic()
     with pytest.raises(DataError) as ei:
         t.prompts("train")
+    assert time.monotonic() - start < 5.0
     msg = str(ei.value)
     assert "openai/gsm8k" in msg and "task.train_files" in msg and ".jsonl" in msg
     if importlib.util.find_spec("datasets") is None:
         assert "needs the `datasets` package, which is not installed" in msg
     else:
-        assert "may be offline" in msg
+        assert "may be offline" in msg and "HF_HUB_OFFLINE" in msg
+    assert datasets.config.HF_HUB_OFFLINE is False  # forced offline for that one load only
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
-    p = tmp_path / "x.parquet"
-    p.write_bytes(b"PAR1")
-    monkeypatch.setitem(sys.modules, "pyarrow", None)
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(DataError, match="x.parquet: reading parquet needs the `pyarrow` package"):
-        read_rows(str(p))
+def test_hub_id_without_network_fails_fast(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    start = time.monotonic()
+    with pytest.raises(DataError) as ei:  # sockets are blocked: the hub probe fails, then the (empty) cache
+        make_task("math").prompts("test")
+    assert time.monotonic() - start < 5.0  # not the ~25 s of the hub client's retries
+    msg = str(ei.value)
+    assert "did not answer" in msg and "may be offline" in msg and "task.test_files" in msg, msg
+    assert datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable", "online"])
+def test_hub_rows_and_when_only_the_cache_is_used(monkeypatch, hub):
+    from passk_rl.tasks import loaders
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    if hub == "offline":
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(loaders, "hub_unreachable", lambda: "no route" if hub == "unreachable" else None)
+    ref = _key(make_task("gsm8k", test_files=os.path.join(GSM, "test.jsonl")).prompts("test"))
+    calls = []
+
+    def load_dataset(path, name=None, *, split):  # stands in for the hub (or its warm cache)
+        calls.append((path, name, split, datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        return datasets.Dataset.from_list(_jsonl(os.path.join(GSM, "test.jsonl")))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    got = make_task("gsm8k").prompts("test")
+    cache_only = hub != "online"
+    assert calls == [("openai/gsm8k", "main", "test", cache_only, cache_only)]
+    assert _key(got) == ref
+    assert got[1].meta["source"] == "hf:openai/gsm8k/main:test" and got[1].meta["row"] == 1
+    assert datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_hub_probe_counts_any_http_answer(monkeypatch):
+    from passk_rl.tasks.loaders import hub_unreachable
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert hub_unreachable(5.0) is None  # an error status is still an answer: the hub decides the rest
+    finally:
+        server.shutdown()
+        server.server_close()
+    why = hub_unreachable(5.0)  # the port is closed now
+    assert why is not None and why.startswith(f"http://127.0.0.1:{server.server_port} did not answer"), why
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"x\.parquet: cannot read as parquet: ArrowInvalid"):
+        read_rows(str(tmp_path / "x.parquet"))
+    (tmp_path / "x.arrow").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"x\.arrow: cannot read as arrow"):
+        read_rows(str(tmp_path / "x.arrow"))
+    (tmp_path / "x.json").write_text('[{"question": "a"},\n {"question": ]')
+    with pytest.raises(DataError, match=r"x\.json: not valid JSON \(line 2\)"):
+        read_rows(str(tmp_path / "x.json"))
+    (tmp_path / "y.json").write_text('[{"question": "a"}, 3]')
+    with pytest.raises(DataError, match=r"y\.json: row 1: expected an object, got int"):
+        read_rows(str(tmp_path / "y.json"))
+    with pytest.raises(DataError, match=r"file not found.*gone\.parquet"):
+        read_rows(str(tmp_path / "gone.parquet"))
+
+
+def test_without_datasets_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"train\.jsonl: reading needs the `datasets` package"):
+        read_rows(os.path.join(GSM, "train.jsonl"))
+    with pytest.raises(DataError, match="needs the `datasets` package, which is not installed"):
+        make_task("gsm8k").prompts("train")
+
+
+def _key(prompts):
+    return [(p.id, p.answer, p.text) for p in prompts]
+
+
+def test_arrow_files_and_saved_datasets(tmp_path):
+    ref_train = make_task("gsm8k", train_files=os.path.join(GSM, "train.jsonl")).prompts("train")
+    ref_test = make_task("gsm8k", test_files=os.path.join(GSM, "test.jsonl")).prompts("test")
+    train = datasets.Dataset.from_list(_jsonl(os.path.join(GSM, "train.jsonl")))
+    test = datasets.Dataset.from_list(_jsonl(os.path.join(GSM, "test.jsonl")))
+    train.save_to_disk(str(tmp_path / "one"))
+    got = make_task("gsm8k", train_files=str(tmp_path / "one")).prompts("train")
+    assert _key(got) == _key(ref_train) and got[2].meta["source"] == str(tmp_path / "one")
+    # the .arrow file inside it, on its own and through a glob
+    got = make_task("gsm8k", train_files=str(tmp_path / "one" / "*.arrow")).prompts("train")
+    assert _key(got) == _key(ref_train) and got[0].meta["source"].endswith(".arrow")
+    # a DatasetDict: each split from its own subdirectory
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(dd))
+    t = make_task("gsm8k", train_files=str(dd), test_files=str(dd))
+    assert _key(t.prompts("train")) == _key(ref_train) and _key(t.prompts("test")) == _key(ref_test)
+    assert t.prompts("test")[0].meta["source"] == str(dd / "test")
+    datasets.DatasetDict({"train": train}).save_to_disk(str(tmp_path / "dd_train_only"))
+    with pytest.raises(DataError, match=r"dd_train_only: a saved DatasetDict with splits \['train'\], and it has no "
+                                        r"'test' split"):
+        make_task("gsm8k", train_files=str(tmp_path / "dd_train_only"),
+                  test_files=str(tmp_path / "dd_train_only")).prompts("test")
+
+
+def test_malformed_rows_in_columnar_files_name_file_and_row(tmp_path):
+    rows = _jsonl(os.path.join(GSM, "train.jsonl"))
+    rows[1] = {"question": rows[1]["question"], "answer": None}
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    with pytest.raises(DataError) as ei:
+        make_task("gsm8k", train_files=str(path)).prompts("train")
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}: row 1: missing field 'answer'") and "fields present: question)" in msg, msg
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"saved: row 1: missing field 'answer'"):
+        make_task("gsm8k", train_files=str(tmp_path / "saved")).prompts("train")
+
+
+def test_json_layouts_blank_lines_and_mixed_numbers(tmp_path):
+    rows = _jsonl(os.path.join(GSM, "test.jsonl"))
+    ref = _key(make_task("gsm8k", train_files=os.path.join(GSM, "test.jsonl")).prompts("train"))
+    for key in ("data", "rows"):
+        (tmp_path / f"{key}.json").write_text(json.dumps({key: rows}))
+        assert _key(make_task("gsm8k", train_files=str(tmp_path / f"{key}.json")).prompts("train")) == ref
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))  # JSON Lines named .json
+    assert _key(make_task("gsm8k", train_files=str(tmp_path / "lines.json")).prompts("train")) == ref
+    # blank lines do not shift the reported line
+    (tmp_path / "gaps.jsonl").write_text(f"\n{json.dumps(rows[0])}\n   \n{json.dumps({'question': 'q'})}\n")
+    with pytest.raises(DataError, match=r"gaps\.jsonl: row 1 \(line 4\): missing field 'answer'"):
+        make_task("gsm8k", train_files=str(tmp_path / "gaps.jsonl")).prompts("train")
+    # a column of ints and floats comes back as floats: 42 must still be "42"
+    (tmp_path / "nums.jsonl").write_text('{"question": "a", "answer": 42}\n{"question": "b", "answer": 3.5}\n')
+    assert [p.answer for p in make_task("gsm8k", train_files=str(tmp_path / "nums.jsonl")).prompts("train")] == [
+        "42", "3.5"]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert read_rows(str(tmp_path / "empty.jsonl")) == []
+
+
+def test_arith_export_round_trips_through_the_loader(tmp_path):
+    task = ArithTask()
+    for split in ("train", "test"):
+        ds = task.to_dataset(split)
+        assert ds.column_names == ["id", "prompt", "numbers", "target", "num_solutions"] and str(ds.split) == split
+        ds.save_to_disk(str(tmp_path / split))
+        (path,) = expand_files(str(tmp_path / split), what="arith export")
+        rows = read_rows(path)
+        prompts = task.prompts(split)
+        assert [r.data["prompt"] for r in rows] == [p.text for p in prompts]
+        assert [r.data["id"] for r in rows] == [p.id for p in prompts]
+        assert [{"numbers": r.data["numbers"], "target": r.data["target"]} for r in rows] == [p.answer for p in prompts]
+        assert [r.data["num_solutions"] for r in rows] == [p.meta["num_solutions"] for p in prompts]
+    with pytest.raises(ValueError, match="unknown split"):
+        task.to_dataset("validation")
 
 
 # --------------------------------------------------------------------------------------------- MATH

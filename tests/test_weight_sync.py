@@ -79,6 +79,27 @@ def test_checksum_detects_changed_content(tmp_path):
     assert ShmSafetensorsTransport(root=str(tmp_path), run_name="r", verify_checksum=False).check(h)
 
 
+def test_header_and_checksum_offsets_match_the_files_own_header(tmp_path):
+    import struct
+
+    from safetensors.torch import save_file
+
+    sd = {**_sd(1), "empty": torch.ones(0), "ids": torch.arange(5), "mask": torch.tensor([True, False, True])}
+    f = tmp_path / "model.safetensors"
+    save_file(sd, str(f), metadata={"format": "pt"})
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])  # the format's own header, as the reference for the offsets
+    own = json.loads(raw[8:8 + n])
+    own.pop("__metadata__")
+    assert read_safetensors_header(f) == own
+    assert file_checksum(f) == state_dict_checksum(sd)
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match="cut.safetensors: not a valid safetensors file"):
+        file_checksum(tmp_path / "cut.safetensors")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        read_safetensors_header(tmp_path / "nope.safetensors")
+
+
 def test_tied_weights_are_published_once(tmp_path):
     emb = torch.randn(7, 4)
     sd = {"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": torch.ones(4)}

@@ -400,6 +400,30 @@ class ArithTask(Task):
             self._splits = self._build()
         return list(self._splits[split])
 
+    def to_dataset(self, split: str):
+        """The prompts of ``split`` as a ``datasets.Dataset``, one row per puzzle in ``prompts(split)`` order, with
+        columns ``id``, ``prompt`` (the text), ``numbers``, ``target`` and ``num_solutions``: the problem set in the
+        form the usual tools read (``save_to_disk``, ``to_parquet``, ``push_to_hub``). The columns are all that
+        ``verify`` needs, so a saved split reads back through ``passk_rl.tasks.loaders`` unchanged."""
+        import datasets  # here, not at module top: importing it costs seconds, and most users of arith never export
+
+        prompts = self.prompts(split)
+        features = datasets.Features({
+            "id": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "numbers": datasets.Sequence(datasets.Value("int64")),
+            "target": datasets.Value("int64"),
+            "num_solutions": datasets.Value("int64"),
+        })
+        columns = {
+            "id": [p.id for p in prompts],
+            "prompt": [p.text for p in prompts],
+            "numbers": [list(p.answer["numbers"]) for p in prompts],
+            "target": [p.answer["target"] for p in prompts],
+            "num_solutions": [p.meta["num_solutions"] for p in prompts],
+        }
+        return datasets.Dataset.from_dict(columns, features=features, split=split)
+
     def solutions(self, prompt: Prompt) -> List[str]:
         """Every worked solution of ``prompt`` ("3*7=21, 21+5=26"; all number orders and bracketings), sorted."""
         if self._splits is None:

@@ -1,7 +1,8 @@
 """GSM8K: grade-school word problems with a numeric final answer (Cobbe et al. 2021, arXiv 2110.14168).
 
 Layout (the hub's ``openai/gsm8k``, config ``main``): ``question`` (str), ``answer`` (str: worked solution ending
-in ``#### <number>``). Local ``.jsonl``/``.json``/``.parquet`` files in that layout work the same.
+in ``#### <number>``). Local ``.jsonl``/``.json``/``.parquet``/``.arrow`` files or ``save_to_disk``
+directories in that layout work the same (all read by ``datasets``, see ``passk_rl.tasks.loaders``).
 
 Verification: the completion's final answer is the text after its last ``####`` or, failing that, its last
 ``\\boxed{}``; with ``extraction="flexible"`` also what follows "the answer is", and finally the last number.
@@ -64,7 +65,8 @@ class GSM8KTask(DatasetTask, Task):
     """GSM8K from local files or the hub.
 
     Args:
-        train_files, test_files: local ``.jsonl``/``.json``/``.parquet`` paths or globs (a string or a list).
+        train_files, test_files: local ``.jsonl``/``.json``/``.parquet``/``.arrow`` paths, globs or
+            ``save_to_disk`` directories (a string or a list).
         dataset, dataset_config: Hugging Face id used when no local files are given.
         prompt_template: format string with ``{question}``.
         system_prompt: optional system message (then prompts are chat messages).
@@ -110,6 +112,9 @@ class GSM8KTask(DatasetTask, Task):
             if gold is None:
                 raise row.error(f"field 'answer' has no '#### <final answer>' line ({LAYOUT})")
         else:  # some exports store the final number alone
+            if isinstance(answer, float) and answer.is_integer():
+                # datasets reads a JSON column of ints and floats as floats: 42 must stay "42", not "42.0"
+                answer = int(answer)
             gold = normalize_numeric_answer(str(answer))
         if not question.strip():
             raise row.error("field 'question' is empty")

@@ -1,24 +1,43 @@
-"""Data loading for file-backed tasks: local ``.jsonl`` / ``.json`` / ``.parquet`` files or a Hugging Face id.
+"""Data loading for file-backed tasks, through Hugging Face ``datasets``.
 
-Every row comes back as a ``Row`` that remembers its file and position, so a malformed row is reported as
+Sources: local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.arrow`` files, directories written by
+``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a Hugging Face hub id. Every row comes back as a
+``Row`` that remembers its source and position, so a malformed row is reported as
 ``<file>: row <i> (line <n>): <what is wrong>``. Rows are counted from 0 in file order; for JSON Lines the
 1-based line number is given as well.
 
-Hub loading needs the ``datasets`` package and a network (or a warm cache). Without either, the error says
-how to point the task at local files instead (``task.train_files`` / ``task.test_files``).
+Local files go through ``datasets.load_dataset`` with the builder chosen by extension (so they share the
+``datasets`` cache, ``HF_DATASETS_CACHE``). When ``datasets`` cannot parse a JSON file it names neither row nor
+line well, so the file is then re-read line by line to name the offending row.
+
+Hub ids need a network or a warm cache. With ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1`` (read when the
+data is loaded, not only when ``datasets`` was imported), or when the hub does not answer a short probe, only
+the local cache is tried: a machine without network fails in seconds, not after the hub client's retries. The
+error says how to point the task at local files instead (``task.train_files`` / ``task.test_files``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 SPLITS = ("train", "test")
 
 FileSpec = Union[None, str, Sequence[str]]
+
+# extension -> the datasets builder that reads it
+BUILDERS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
+            ".arrow": "arrow"}
+DIR_EXTENSIONS = ("jsonl", "json", "parquet", "arrow")  # what a plain directory of data files is searched for
+# A hub that does not answer within this many seconds is taken as unreachable: without it, a machine with no
+# network waits through the hub client's retries (about 25 s when connections are refused, minutes when dropped).
+HUB_PROBE_TIMEOUT_S = 5.0
+_TRUE = ("1", "ON", "YES", "TRUE")
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class DataError(ValueError):
@@ -27,14 +46,20 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    source: str  # file path, or "hf:<id>[/<config>]:<split>"
+    source: str  # file path, saved-dataset directory, or "hf:<id>[/<config>]:<split>"
     index: int  # 0-based position in the source
     data: Dict[str, Any]
-    line: Optional[int] = None  # 1-based line number (JSON Lines only)
+    # row index -> 1-based line number (JSON Lines only); computed on first use, since only errors need it
+    line_of: Optional[Callable[[int], Optional[int]]] = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def line(self) -> Optional[int]:
+        return self.line_of(self.index) if self.line_of is not None else None
 
     @property
     def where(self) -> str:
-        loc = f"row {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+        line = self.line
+        loc = f"row {self.index}" + (f" (line {line})" if line is not None else "")
         return f"{self.source}: {loc}"
 
     def error(self, msg: str) -> DataError:
@@ -45,7 +70,8 @@ class Row:
         naming the file, the row and the expected layout."""
         if key not in self.data or self.data[key] is None:
             if required:
-                present = ", ".join(sorted(map(str, self.data))) or "none"
+                # datasets gives every row every column (None where a row lacks it): list only real values
+                present = ", ".join(sorted(str(k) for k, v in self.data.items() if v is not None)) or "none"
                 raise self.error(f"missing field {key!r} ({layout}; fields present: {present})")
             return None
         v = self.data[key]
@@ -64,9 +90,28 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def _import_datasets(what: str):
+    """The ``datasets`` module, or a ``DataError`` saying ``what`` needs it (it is an install requirement, so this
+    only happens in a hand-made environment)."""
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise DataError(f"{what} needs the `datasets` package, which is not installed (pip install datasets)") from None
+    return datasets
+
+
+def is_saved_dataset(path: str) -> bool:
+    """True for a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    if not os.path.isdir(path):
+        return False
+    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+    return has("dataset_dict.json") or (has("dataset_info.json") and has("state.json"))
+
+
 def expand_files(files: FileSpec, *, what: str) -> List[str]:
-    """``files`` (a path, a glob, or a list of them) → existing file paths in the given order (globs sorted).
-    Raises ``DataError`` naming ``what`` (e.g. ``"task.train_files"``) for a path that matches nothing."""
+    """``files`` (a path, a glob, or a list of them) → existing data files and saved-dataset directories, in the
+    given order (globs sorted). A plain directory stands for its ``.jsonl``/``.json``/``.parquet``/``.arrow``
+    files. Raises ``DataError`` naming ``what`` (e.g. ``"task.train_files"``) for a path that matches nothing."""
     if files is None:
         return []
     if isinstance(files, (str, os.PathLike)):
@@ -77,14 +122,17 @@ def expand_files(files: FileSpec, *, what: str) -> List[str]:
             raise DataError(f"{what}: expected file paths, got {type(f).__name__} {_short(f)}")
         f = os.path.expanduser(os.fspath(f))
         if any(c in f for c in "*?["):
-            hits = sorted(glob.glob(f))
+            hits = [h for h in sorted(glob.glob(f)) if os.path.isfile(h) or is_saved_dataset(h)]
             if not hits:
                 raise DataError(f"{what}: pattern {f!r} matches no file")
             out.extend(hits)
+        elif is_saved_dataset(f):
+            out.append(f)
         elif os.path.isdir(f):
-            hits = sorted(p for ext in ("jsonl", "json", "parquet") for p in glob.glob(os.path.join(f, f"*.{ext}")))
+            hits = sorted(p for ext in DIR_EXTENSIONS for p in glob.glob(os.path.join(f, f"*.{ext}")))
             if not hits:
-                raise DataError(f"{what}: directory {f!r} holds no .jsonl/.json/.parquet file")
+                raise DataError(f"{what}: directory {f!r} holds no .jsonl/.json/.parquet/.arrow file and is not a "
+                                f"dataset saved with save_to_disk")
             out.extend(hits)
         elif not os.path.isfile(f):
             raise DataError(f"{what}: file not found: {f!r} (cwd {os.getcwd()!r})")
@@ -93,88 +141,210 @@ def expand_files(files: FileSpec, *, what: str) -> List[str]:
     return out
 
 
-def read_rows(path: str) -> List[Row]:
-    """All rows of one local file, chosen by extension: ``.jsonl`` (one JSON object per line; blank lines
-    skipped), ``.json`` (a list of objects, or an object with a ``data``/``rows`` list), ``.parquet``."""
-    lower = path.lower()
-    if lower.endswith((".jsonl", ".ndjson")):
-        return _read_jsonl(path)
-    if lower.endswith(".json"):
-        return _read_json(path)
-    if lower.endswith((".parquet", ".pq")):
-        return _read_parquet(path)
-    raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+def read_rows(path: str, split: Optional[str] = None) -> List[Row]:
+    """All rows of one local source, read by ``datasets``: a file chosen by extension (``.jsonl``/``.ndjson``:
+    one JSON object per line, blank lines skipped; ``.json``: a list of objects, an object with a ``data``/``rows``
+    list, or JSON Lines; ``.parquet``/``.pq``; ``.arrow``), or a ``save_to_disk`` directory (for a saved
+    ``DatasetDict``, its ``split``)."""
+    path = os.fspath(path)
+    if is_saved_dataset(path):
+        return _read_saved(path, split)
+    builder = BUILDERS.get(os.path.splitext(path)[1].lower())
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet, .arrow, or a directory "
+                        f"written by save_to_disk)")
+    if not os.path.isfile(path):
+        raise DataError(f"file not found: {path!r} (cwd {os.getcwd()!r})")
+    datasets = _import_datasets(f"{path}: reading")
+    try:
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+        if builder == "json" and path.lower().endswith(".json") and ds.num_rows == 1:
+            key = _wrapping_key(ds)
+            if key is not None:  # {"data": [...]}: the rows are that list
+                ds = datasets.load_dataset("json", data_files=path, field=key, split="train")
+    except Exception as e:  # noqa: BLE001 - pyarrow and datasets raise many types for a bad file
+        if builder == "json" and _check_json(path) == 0:
+            return []  # a file without rows: datasets cannot build a table from it, but it is not malformed
+        raise DataError(f"{path}: cannot read as {builder}: {_describe(e)}") from None
+    line_of = _JsonlLines(path, ds.num_rows) if builder == "json" and not path.lower().endswith(".json") else None
+    return _to_rows(ds, path, line_of)
 
 
-def _read_jsonl(path: str) -> List[Row]:
-    rows: List[Row] = []
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {len(rows)} (line {lineno}): not valid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: row {len(rows)} (line {lineno}): expected a JSON object, got "
-                                f"{type(obj).__name__}")
-            rows.append(Row(path, len(rows), obj, lineno))
-    return rows
+def _read_saved(path: str, split: Optional[str]) -> List[Row]:
+    datasets = _import_datasets(f"{path}: reading a saved dataset")
+    try:
+        obj = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - a damaged directory fails in several ways
+        raise DataError(f"{path}: cannot load the dataset saved there: {_describe(e)}") from None
+    if isinstance(obj, datasets.DatasetDict):
+        names = list(obj)
+        if split is None or split not in obj:
+            which = "no split was asked for" if split is None else f"it has no {split!r} split"
+            example = os.path.join(path, names[0]) if names else path
+            raise DataError(f"{path}: a saved DatasetDict with splits {names}, and {which}; point the task's "
+                            f"files at one split's directory (e.g. {example!r})")
+        return _to_rows(obj[split], os.path.join(path, split))
+    return _to_rows(obj, path)
 
 
-def _read_json(path: str) -> List[Row]:
-    with open(path, "r", encoding="utf-8") as fh:
+def _to_rows(ds: Any, source: str, line_of: Optional[Callable[[int], Optional[int]]] = None) -> List[Row]:
+    return [Row(source, i, r, line_of) for i, r in enumerate(ds.to_list())]
+
+
+def _wrapping_key(ds: Any) -> Optional[str]:
+    """``"data"`` or ``"rows"`` when a one-row JSON dataset is really one object wrapping the list of rows."""
+    first = ds[0]
+    for key in ("data", "rows"):
+        if isinstance(first.get(key), list):
+            return key
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    # datasets wraps the parser's error in a generic "An error occurred while generating the dataset"
+    cause = e.__cause__ if e.__cause__ is not None else e
+    return f"{type(cause).__name__}: {str(cause)[:300]}"
+
+
+class _JsonlLines:
+    """Row index → 1-based line of a JSON Lines file (``datasets`` skips blank lines, so row i is the i-th
+    non-blank line). Read on first call: only error messages need it."""
+
+    def __init__(self, path: str, num_rows: int):
+        self.path = path
+        self.num_rows = num_rows
+        self._lines: Optional[List[int]] = None
+
+    def __call__(self, index: int) -> Optional[int]:
+        if self._lines is None:
+            with open(self.path, "rb") as fh:
+                self._lines = [n for n, line in enumerate(fh, start=1) if line.strip()]
+        # counts that disagree mean the mapping is unknown: better no line number than a wrong one
+        if len(self._lines) != self.num_rows or not 0 <= index < self.num_rows:
+            return None
+        return self._lines[index]
+
+
+def _check_json(path: str) -> int:
+    """Re-read a JSON / JSON Lines file that ``datasets`` failed on, to name the malformed row and line (raises
+    ``DataError``); returns the number of rows when it finds nothing wrong."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): not a JSON file") from None
+    if path.lower().endswith(".json"):
         try:
-            obj = json.load(fh)
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
-    if isinstance(obj, dict):
-        for key in ("data", "rows"):
-            if isinstance(obj.get(key), list):
-                obj = obj[key]
-                break
-    if not isinstance(obj, list):
-        raise DataError(f"{path}: expected a JSON list of row objects")
-    rows = []
-    for i, r in enumerate(obj):
-        if not isinstance(r, dict):
-            raise DataError(f"{path}: row {i}: expected an object, got {type(r).__name__}")
-        rows.append(Row(path, i, r))
-    return rows
+            first = next((l for l in text.split("\n") if l.strip()), "")
+            if not first.lstrip().startswith("{") or not _parses(first):
+                raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+            obj = None  # JSON Lines in a .json file: checked line by line below
+        if obj is not None:
+            if isinstance(obj, dict):
+                for key in ("data", "rows"):
+                    if isinstance(obj.get(key), list):
+                        obj = obj[key]
+                        break
+            if not isinstance(obj, list):
+                raise DataError(f"{path}: expected a JSON list of row objects")
+            for i, r in enumerate(obj):
+                if not isinstance(r, dict):
+                    raise DataError(f"{path}: row {i}: expected an object, got {type(r).__name__}")
+            return len(obj)
+    n = 0
+    # split on newlines only, as the JSON Lines reader does (str.splitlines would also split at U+2028 and others)
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: row {n} (line {lineno}): not valid JSON: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: row {n} (line {lineno}): expected a JSON object, got {type(obj).__name__}")
+        n += 1
+    return n
 
 
-def _read_parquet(path: str) -> List[Row]:
+def _parses(line: str) -> bool:
     try:
-        import pyarrow.parquet as pq
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ the hub
+def offline_requested() -> bool:
+    """Whether the environment asks for no hub access now. ``datasets`` and ``huggingface_hub`` read these
+    variables once, at import; a launcher (or a test) may set them later, and that must still hold."""
+    if any(os.environ.get(v, "").strip().upper() in _TRUE for v in _OFFLINE_VARS):
+        return True
+    try:
+        import datasets  # type: ignore[import-not-found]
     except ImportError:
-        raise DataError(f"{path}: reading parquet needs the `pyarrow` package (pip install pyarrow), "
-                        f"or convert the file to JSON Lines") from None
+        return False
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> Optional[str]:
+    """None when the hub endpoint answers (any HTTP status) within ``timeout_s``, else why not. Uses the hub
+    client's own session, so proxies, certificates and ``HF_ENDPOINT`` are those the real download would use."""
+    import datasets  # type: ignore[import-not-found]
+    from huggingface_hub import get_session
+
+    endpoint = datasets.config.HF_ENDPOINT
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet: {type(e).__name__}: {e}") from None
-    return [Row(path, i, r) for i, r in enumerate(table.to_pylist())]
+        get_session().head(endpoint, timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout, TLS, proxy: all mean "not reachable"
+        return f"{endpoint} did not answer ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+@contextlib.contextmanager
+def _cache_only(datasets: Any) -> Iterator[None]:
+    """Force ``datasets``/``huggingface_hub`` offline for one load, so that only the local cache is used. Both
+    read ``HF_HUB_OFFLINE`` into module globals at import, and consult those globals on every request."""
+    import huggingface_hub.constants as hub_constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def load_hub(task: str, dataset: str, *, config: Optional[str], split: str, hub_split: str) -> List[Row]:
     """Rows of ``dataset`` (a Hugging Face id) from the hub or its local cache; ``DataError`` with instructions
-    for local files when ``datasets`` is missing or the hub cannot be reached."""
-    how = (f"To train offline, download the {split} split as .parquet or .jsonl files and set "
-           f"task.{split}_files to their paths (see configs/{task}_local.yaml).")
+    for local files when ``datasets`` is missing or the dataset cannot be had without the network."""
+    how = (f"To train offline, download the {split} split as .parquet or .jsonl files (or save it with "
+           f"save_to_disk) and set task.{split}_files to their paths (see configs/{task}_local.yaml).")
+    datasets = _import_datasets(f"task {task}: no task.{split}_files given, and loading {dataset!r} from the "
+                                f"Hugging Face hub")
+    what = f"task {task}: could not load {dataset!r} (config {config!r}, split {hub_split!r})"
+    offline = offline_requested()
+    unreachable = None if offline else hub_unreachable()
     try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        raise DataError(f"task {task}: no task.{split}_files given, and loading {dataset!r} from the Hugging Face "
-                        f"hub needs the `datasets` package, which is not installed. {how}") from None
-    try:
-        ds = datasets.load_dataset(dataset, config, split=hub_split)
-    except Exception as e:  # noqa: BLE001 - connection, offline mode, missing config: same remedy
-        raise DataError(f"task {task}: could not load {dataset!r} (config {config!r}, split {hub_split!r}) from the "
-                        f"Hugging Face hub: {type(e).__name__}: {str(e)[:300]}. This machine may be offline. "
-                        f"{how}") from None
+        if offline or unreachable:
+            with _cache_only(datasets):
+                ds = datasets.load_dataset(dataset, config, split=hub_split)
+        else:
+            ds = datasets.load_dataset(dataset, config, split=hub_split)
+    except Exception as e:  # noqa: BLE001 - connection, cache miss, missing config: same remedy
+        if offline:
+            flags = [v for v in _OFFLINE_VARS if os.environ.get(v, "").strip().upper() in _TRUE] or ["HF_HUB_OFFLINE"]
+            why = (f"hub access is off ({'/'.join(flags)} set) and the local cache does not hold it. This machine "
+                   f"may be offline")
+        elif unreachable:
+            why = f"{unreachable}, and the local cache does not hold it. This machine may be offline"
+        else:
+            why = f"from the Hugging Face hub: {_describe(e)}. This machine may be offline, or the id is wrong"
+        raise DataError(f"{what}: {why}. {how}") from None
     source = f"hf:{dataset}" + (f"/{config}" if config else "") + f":{hub_split}"
-    return [Row(source, i, dict(r)) for i, r in enumerate(ds)]
+    return _to_rows(ds, source)
 
 
 def load_split(
@@ -196,13 +366,13 @@ def load_split(
     if files:
         rows: List[Row] = []
         for path in expand_files(files, what=f"task.{split}_files"):
-            rows.extend(read_rows(path))
+            rows.extend(read_rows(path, split))
         return rows
     if train_files or test_files:
         raise DataError(f"task {task}: no task.{split}_files given (only the other split has local files)")
     if not dataset:
-        raise DataError(f"task {task}: give task.{split}_files (local .jsonl/.json/.parquet) or task.dataset "
-                        f"(a Hugging Face id)")
+        raise DataError(f"task {task}: give task.{split}_files (local .jsonl/.json/.parquet/.arrow files or a "
+                        f"save_to_disk directory) or task.dataset (a Hugging Face id)")
     hub_split = (hub_splits or {}).get(split, split)
     return load_hub(task, dataset, config=dataset_config, split=split, hub_split=hub_split)
 

@@ -1,6 +1,6 @@
 """MATH: competition mathematics with LaTeX answers (Hendrycks et al. 2021, arXiv 2103.03874).
 
-Layouts accepted (local ``.jsonl``/``.json``/``.parquet`` or a hub id):
+Layouts accepted (local ``.jsonl``/``.json``/``.parquet``/``.arrow``, a ``save_to_disk`` directory, or a hub id):
 - MATH: ``problem`` (str), ``solution`` (str whose last ``\\boxed{}`` is the answer), ``level`` ("Level 3"),
   ``type`` ("Algebra");
 - MATH-500 style: the same plus ``answer`` (str), ``subject`` instead of ``type``, ``unique_id``.
@@ -98,6 +98,8 @@ class MATHTask(DatasetTask, Task):
             if answer is None:
                 raise row.error(f"field 'solution' has no \\boxed{{...}} answer and there is no 'answer' field "
                                 f"({LAYOUT})")
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)  # datasets reads a JSON column of ints and floats as floats: keep "42", not "42.0"
         answer = str(answer).strip()
         if not answer:
             raise row.error("the reference answer is empty")
