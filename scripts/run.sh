@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# The default run, end to end: installs everything (./.venv), builds the tiny base model on first use, starts a
-# local Ray cluster with its dashboard, submits the training job with `ray job submit`, streams its progress,
-# and stops the cluster it started. Extra arguments are config overrides, e.g. `bash scripts/run.sh run.steps=5`.
+# The default run, end to end: installs everything (./.venv), starts a local Ray cluster with its dashboard, submits
+# the training job with `ray job submit`, streams its progress, and stops the cluster it started. The run goes to
+# runs/<run.name> (replacing an earlier one of that name unless run.resume=true). Extra arguments are config
+# overrides, e.g. `bash scripts/run.sh run.steps=5`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/tiny_cpu.yaml}
 bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
 ROOT=$PWD
+# The run replaces an earlier run of the same name in runs/ (run.overwrite) unless it is asked to continue it.
+EXTRA=("run.output_dir=$ROOT/runs")
+case " $* " in *" run.resume=true "*) ;; *) EXTRA+=("run.overwrite=true") ;; esac
+# A bad config fails here, naming the key, before any cluster starts.
+RUN_NAME=$(python - "$CONFIG" "${EXTRA[@]}" "$@" <<'PY'
+import sys
+from passk_rl.config import ConfigError, load_config
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).run.name)
+except ConfigError as e:
+    sys.exit(f"config error: {e}")
+PY
+) || exit 2
 # Free ports picked now, so a cluster someone else runs on this machine is never touched.
 read -r GCS_PORT DASH_PORT < <(python - <<'PY'
 import socket
@@ -42,14 +56,19 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 echo "[run] dashboard: http://127.0.0.1:$DASH_PORT   (jobs, actors, logs; it asks for the token in $TMP/auth_token)"
-python - "$CONFIG" "$@" <<'PY'
-import sys
-from passk_rl.config import load_config
-cfg = load_config(sys.argv[1], sys.argv[2:])   # bad config: fail here, before the job starts
-PY
-RUN_NAME=$(python -c "import sys; from passk_rl.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).run.name)" "$CONFIG" "$@")
-ray job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir . \
-  --runtime-env-json "{\"excludes\": [\".venv\", \"runs\", \".git\"]}" \
-  -- python -m passk_rl.launch --config "$CONFIG" "run.output_dir=$ROOT/runs" "$@"
+# RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` sends SIGTERM, then SIGKILL after this long; the run needs the rest of
+# a step plus a checkpoint to stop cleanly (it then continues with run.resume=true).
+for attempt in $(seq 1 30); do
+  set +e
+  ray job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir . \
+    --runtime-env-json '{"excludes": [".venv", "runs", ".git"], "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "300"}}' \
+    -- python -m passk_rl.launch --config "$CONFIG" "${EXTRA[@]}" "$@" 2>&1 | tee "$TMP/submit.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  # On a loaded machine the head's job agent can come up after the job API answers; nothing was submitted then.
+  if [ "$rc" -ne 0 ] && grep -q "No available agent to submit job" "$TMP/submit.log"; then sleep 2; continue; fi
+  break
+done
+[ "$rc" -eq 0 ] || { echo "[run] the job failed (exit $rc)"; exit "$rc"; }
 echo "[run] metrics: $ROOT/runs/$RUN_NAME/metrics.jsonl   summary: $ROOT/runs/$RUN_NAME/summary.json"
 if [ -f "$ROOT/runs/$RUN_NAME/pass_at_k.png" ]; then echo "[run] plot: $ROOT/runs/$RUN_NAME/pass_at_k.png"; fi

@@ -66,7 +66,13 @@ def _submit(cluster, overrides, timeout: float = 900) -> subprocess.CompletedPro
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "**/__pycache__"]}),
            "--", "python", "-m", "passk_rl.launch", "--config", "configs/tiny_cpu.yaml", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    for _ in range(30):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        # On a loaded machine the head's job agent can come up after the job API answers: nothing was submitted
+        if r.returncode == 0 or "No available agent to submit job" not in r.stdout + r.stderr:
+            return r
+        time.sleep(2)
+    return r
 
 
 def _tensors(path: Path):

@@ -14,8 +14,8 @@ Reward = fraction of tests passed (``reward="all"`` gives the binary pass/fail o
 The program is built from the completion: the last fenced code block that defines the entry point (or the
 last block, or the raw completion); a completion that defines the entry point is appended after the prompt
 (whose imports and helpers it may use), otherwise it continues the prompt's function body.
-Execution: ``passk_rl.verify.sandbox`` (separate process, CPU/memory/wall-clock limits, no network, private
-working directory, scrubbed environment).
+Execution: ``passk_rl.verify.sandbox``: the program runs in an isolated child process that only answers calls;
+the tests run in a separate judge process that compares the answers, so the program cannot forge a verdict.
 """
 
 from __future__ import annotations
@@ -269,7 +269,10 @@ class CodeTask(DatasetTask, Task):
         program = build_program(ans.get("prompt_code", ""), completion, ans.get("entry_point"))
         if not program.strip():
             return Verdict(0.0, "wrong_format", "no code in the completion")
-        r = self.sandbox.run(program, ans["tests"], setup=ans.get("setup", ""), entry_point=ans.get("entry_point"))
+        # The prompt's own code (HumanEval: helpers such as ``poly`` that some tests call) runs in the judge as
+        # well, so a completion that redefines a helper cannot change what the tests measure.
+        r = self.sandbox.run(program, ans["tests"], setup=ans.get("setup", ""), entry_point=ans.get("entry_point"),
+                             trusted_code=ans.get("prompt_code", ""))
         reward = r.reward
         if self.reward == "all":
             reward = 1.0 if (r.status == "ok" and r.total > 0 and r.passed == r.total) else 0.0
