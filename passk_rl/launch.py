@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -45,10 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 3
     from passk_rl.trainer import Preempted, RunDirError, Trainer, TrainingAborted
 
-    trainer = Trainer(cfg)
-    # `ray job stop` and schedulers' preemption send SIGTERM: finish the step, checkpoint, exit (the job needs a
-    # grace period longer than a step: RAY_JOB_STOP_WAIT_TIME_S in the job's runtime env, see README)
-    signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop("SIGTERM"))
+    trainer = Trainer(cfg)  # it handles SIGTERM (preemption) once Ray is up: a checkpoint at the step boundary
     try:
         trainer.setup()
         trainer.train()

@@ -7,16 +7,19 @@ The driver holds no model; it moves prompts, token ids, rewards and advantages b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -179,6 +182,11 @@ class Trainer:
         from passk_rl.metrics import create_dashboard_actor
 
         self.started_ray = init_ray(cfg)
+        # After ray.init: Ray's core worker installs its own fatal-signal handler for SIGTERM, which would kill
+        # the driver mid-step. `ray job stop` and schedulers' preemption send SIGTERM: finish the step, checkpoint,
+        # exit (the job needs a grace period longer than a step: RAY_JOB_STOP_WAIT_TIME_S, see scripts/run.sh).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: self.request_stop("SIGTERM"))
         spec = device_spec(cfg.cluster.device)
         t0 = time.perf_counter()
         self.placement = reserve(spec, num_engines=cfg.generator.num_engines, tp=cfg.generator.tensor_parallel_size,
@@ -231,21 +239,27 @@ class Trainer:
             summary["base_eval"] = json.loads(base.read_text()) if first > 1 and base.is_file() else self.evaluate(step=0)
         t_start = time.perf_counter()
         for step in range(first, cfg.run.steps + 1):
-            self.run_step(step)
-            if cfg.eval.enabled and cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
-                self.evaluate(step=step)
-            if cfg.run.checkpoint_interval and step % cfg.run.checkpoint_interval == 0:
-                self.save_checkpoint(step)
+            with self.faults(step):
+                self._start_state = (*self.rollout.untrained_order_state(), dict(self.status_totals),
+                                     self.skipped_total)
+                self._updated = False
+                self.step(step)
+                if cfg.eval.enabled and cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
+                    self.evaluate(step=step)
+                if cfg.run.checkpoint_interval and step % cfg.run.checkpoint_interval == 0:
+                    self.save_checkpoint(step)
             if self.stop_signal is not None and step < cfg.run.steps:
-                ck = self.save_checkpoint(step)
+                with self.faults(step):
+                    ck = self.save_checkpoint(step)
                 raise Preempted(f"{self.stop_signal} received: stopped after step {step} with a checkpoint at {ck}; "
                                 f"continue with run.resume=true")
         summary["train_seconds"] = time.perf_counter() - t_start
-        if cfg.run.steps > 0:
-            self.save_checkpoint(cfg.run.steps, final=True)
-        if cfg.eval.enabled:
-            summary["final_eval"] = self.evaluate(step=cfg.run.steps)
-            summary["change"] = paired_change(summary["base_eval"], summary["final_eval"], seed=cfg.run.seed)
+        with self.faults(cfg.run.steps):
+            if cfg.run.steps > 0:
+                self.save_checkpoint(cfg.run.steps, final=True)
+            if cfg.eval.enabled:
+                summary["final_eval"] = self.evaluate(step=cfg.run.steps)
+                summary["change"] = paired_change(summary["base_eval"], summary["final_eval"], seed=cfg.run.seed)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         try:
             from passk_rl.plots import plot_run
@@ -258,8 +272,9 @@ class Trainer:
         self.print_summary(summary)
         return summary
 
-    def run_step(self, step: int) -> Dict[str, Any]:
-        """``step`` plus what happens when a part dies under it.
+    @contextlib.contextmanager
+    def faults(self, step: int) -> Iterator[None]:
+        """What happens when a part dies during ``step`` (its phases, its evaluation or its checkpoint).
 
         A generator engine the pool could not bring back (``EngineLost``): a checkpoint of the last consistent
         state is written (the previous step when the engines died while sampling — nothing of this step was used
@@ -271,10 +286,8 @@ class Trainer:
         from actors.generator import EngineLost
         from passk_rl import checkpoint
 
-        self._start_state = (*self.rollout.untrained_order_state(), dict(self.status_totals), self.skipped_total)
-        self._updated = False
         try:
-            return self.step(step)
+            yield
         except EngineLost as e:
             if self._updated:
                 ck = self.save_checkpoint(step)
@@ -513,14 +526,19 @@ class Trainer:
                 "step": step, "order": order, "rng": _json_state(rng_state), "status_totals": totals,
                 "skipped_total": skipped}))
             ck = checkpoint.commit(root, tmp, step, keep=self.cfg.run.keep_checkpoints)
-        except (OSError, ray.exceptions.RayTaskError) as e:
-            if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, OSError):
-                raise
+        except ray.exceptions.RayActorError:
+            raise  # a dead learner / p̂ actor: Trainer.faults says so
+        except Exception as e:  # noqa: BLE001 - a full disk shows up as OSError here, as RuntimeError from torch.save
             shutil.rmtree(tmp, ignore_errors=True)  # the partial save would only take space; it is never loaded
             newest, _ = checkpoint.usable(root, log=lambda m: None)
             cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            try:
+                free = f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free on {root}"
+            except OSError:
+                free = ""
             raise TrainingAborted(f"the checkpoint of step {step} could not be written ({type(cause).__name__}: "
-                                  f"{cause}); the newest complete checkpoint, {newest or 'none'}, is intact") from e
+                                  f"{str(cause).strip().splitlines()[-1][:300]}{free}); the newest complete "
+                                  f"checkpoint, {newest or 'none'}, is intact") from e
         if final:
             self.learner.export_hf(str(self.run_dir / "final_model"))
         return ck

@@ -118,6 +118,19 @@ def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path):
         runner.state(run)
 
 
+def test_candidates_that_keep_pass1_rank_first(tmp_path):
+    """With pass1_slack, the pass@K method picked is the best at validation pass@K among those within the slack
+    of the best baseline's validation pass@1; without, simply the best at pass@K."""
+    spec = ex.load_experiment(_write(tmp_path, _small(tmp_path, candidates=["pkpo_k4", "grpo"], baselines=["grpo"])))
+    val = {("grpo", 1): 0.30, ("grpo", 4): 0.50, ("pkpo_k4", 1): 0.20, ("pkpo_k4", 4): 0.70}
+    at = lambda m, k: val[(m, k)]  # noqa: E731
+    assert ex.rank_on_validation(spec, at)[1] == ["pkpo_k4", "grpo"]
+    spec.pass1_slack = 0.02
+    assert ex.rank_on_validation(spec, at) == (["grpo"], ["grpo", "pkpo_k4"])
+    spec.pass1_slack = 0.2
+    assert ex.rank_on_validation(spec, at)[1] == ["pkpo_k4", "grpo"]
+
+
 # ------------------------------------------------------------------------------------------ statistics
 def test_seed_prompt_interval_widens_with_seed_variation_and_reduces_to_problems_with_one_seed():
     rng = np.random.default_rng(0)
