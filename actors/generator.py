@@ -150,6 +150,11 @@ class VLLMGenerator:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         if transport is not None:
             kwargs.update(transport.engine_kwargs(device))
+        extension = kwargs.get("worker_extension_cls")
+        if extension and (engine_kwargs or {}).get("worker_extension_cls", extension) != extension:
+            # vLLM takes one extension class; replacing the transport's would leave the engine unable to receive
+            raise ValueError(f"engine_kwargs sets worker_extension_cls={engine_kwargs['worker_extension_cls']!r}, "
+                             f"but the {transport.kind!r} weight transport needs {extension!r}")
         kwargs.update(engine_kwargs or {})
 
         from vllm import LLM
@@ -240,14 +245,22 @@ class VLLMGenerator:
 
     # ------------------------------------------------------------------------------------------- weights
     def sync_weights(self, handle: Any) -> Dict[str, Any]:
-        """Load the weights ``handle`` names through the transport; ``{"step", "seconds", "pid"}``."""
+        """Load the weights ``handle`` names through the transport; ``{"step", "seconds", "pid"}`` plus what the
+        transport reports (a streaming one: ``checksum``, ``bytes``, ...). A streaming transport receives while the
+        learner sends, so this call blocks until the learner's stream has arrived."""
         if self.transport is None:
             raise RuntimeError("sync_weights: this generator was built without a weight transport")
+        from cluster.collective import PartialWeightsError
+
         t0 = time.perf_counter()
-        self.transport.apply(self.llm, handle, expected_params=self.expected_params,
-                             optional_params=self.optional_params)
+        try:
+            extra = self.transport.apply(self.llm, handle, expected_params=self.expected_params,
+                                         optional_params=self.optional_params) or {}
+        except PartialWeightsError:
+            self.weights_step = None  # neither the old version nor the new one
+            raise
         self.weights_step = handle.step
-        return {"step": handle.step, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+        return {**extra, "step": handle.step, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
     def info(self) -> Dict[str, Any]:
         return {"model_path": self.model_path, "device": self.device, "pid": os.getpid(),
@@ -367,6 +380,9 @@ class GeneratorPool:
         self.max_restarts = int(max_restarts)
         self.restarts = 0
         self.current_handle: Any = None  # the weights every engine holds (None: the model it started from)
+        # Called after an engine is replaced, instead of loading current_handle into it alone: a streaming
+        # transport (collective) re-forms its group and re-sends to every engine (the trainer sets it).
+        self.restart_hook: Optional[Any] = None
         self._spawn = lambda i: GeneratorActor.create(
             kwargs, num_cpus=num_cpus_per_engine, placement_group=placement_group,
             bundle_index=bundle_indices[i] if placement_group is not None else None)
@@ -377,8 +393,24 @@ class GeneratorPool:
             self.shutdown()
             raise
 
-    def _restart(self, e: int, why: BaseException) -> None:
-        """Replace engine ``e`` by a fresh one holding the current weights."""
+    def replace_dead(self) -> bool:
+        """Replace every engine whose actor is gone or whose vLLM engine died, without loading weights into them
+        (the caller re-sends to all); True when any was replaced."""
+        import ray
+
+        replaced = False
+        for e, actor in enumerate(self.engines):
+            try:
+                ray.get(actor.score.remote([[1]], [[1]]), timeout=120)  # a one-token forward: the engine core too
+            except Exception as err:  # noqa: BLE001 - only deaths are replaced; a live engine's error is its own
+                if not _engine_died(err):
+                    continue
+                self._restart(e, err, load=False)
+                replaced = True
+        return replaced
+
+    def _restart(self, e: int, why: BaseException, *, load: bool = True) -> None:
+        """Replace engine ``e`` by a fresh one (holding the current weights, unless ``load`` is False)."""
         import ray
 
         self.restarts += 1
@@ -390,17 +422,21 @@ class GeneratorPool:
             pass
         self.engines[e] = self._spawn(e)
         self.engine_info[e] = ray.get(self.engines[e].ready.remote())
-        if self.current_handle is not None:
+        if not load:
+            return
+        if self.restart_hook is not None:
+            self.restart_hook()
+        elif self.current_handle is not None:
             ray.get(self.engines[e].sync_weights.remote(self.current_handle))
 
-    def _gather(self, calls: Dict[int, Any]) -> Dict[int, Any]:
+    def _gather(self, calls: Dict[int, Any], *, budget: Optional[int] = None) -> Dict[int, Any]:
         """Run ``calls[e](actor) -> ObjectRef`` on every engine e and return their results; an engine that died is
-        restarted and its call re-issued (``max_restarts`` times per call at most)."""
+        restarted and its call re-issued (``budget`` times per call at most; default ``max_restarts``)."""
         import ray
 
         refs = {e: call(self.engines[e]) for e, call in calls.items()}
         out: Dict[int, Any] = {}
-        budget = self.max_restarts
+        budget = allowed = self.max_restarts if budget is None else budget
         while refs:
             e, ref = next(iter(refs.items()))
             try:
@@ -410,7 +446,7 @@ class GeneratorPool:
                 if not _engine_died(err):
                     raise
                 if budget <= 0:
-                    raise EngineLost(f"generator engine {e} died and {self.max_restarts} restart(s) in this call did "
+                    raise EngineLost(f"generator engine {e} died and {allowed} restart(s) in this call did "
                                      f"not bring it back: {type(err).__name__}: {str(err)[:500]}") from err
                 budget -= 1
                 self._restart(e, err)
@@ -493,7 +529,11 @@ class GeneratorPool:
         """Apply ``handle`` on every engine in parallel; ``{"step", "seconds" (wall), "engines": [reports]}``."""
         t0 = time.perf_counter()
         self.current_handle = handle  # an engine restarted from now on loads these
-        got = self._gather({e: (lambda actor: actor.sync_weights.remote(handle)) for e in range(self.num_engines)})
+        # A streamed version cannot be re-sent to one engine mid-broadcast: a death here is EngineLost (the run
+        # checkpoints and stops); the file transport just restarts the engine and has it read the file again.
+        budget = 0 if getattr(handle, "kind", "") == "collective" else None
+        got = self._gather({e: (lambda actor: actor.sync_weights.remote(handle)) for e in range(self.num_engines)},
+                           budget=budget)
         return {"step": handle.step, "seconds": time.perf_counter() - t0, "engines": [got[e] for e in sorted(got)]}
 
     def info(self) -> List[Dict[str, Any]]:

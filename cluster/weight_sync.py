@@ -5,15 +5,17 @@ One interface, several backends:
 ``publish(state_dict, step=...) -> WeightHandle``
     runs on the learner's rank 0 with the full, HF-named state dict (what ``model.state_dict()`` of the HF model
     returns, gathered under ZeRO-3). It returns a small picklable :class:`WeightHandle` that the driver forwards
-    to every generator actor.
+    to every generator actor. (The learner streams to a collective transport bucket by bucket instead, never
+    holding the full state dict: ``LearnerWorker.publish_weights``.)
 ``apply(engine_llm, handle, expected_params=...)``
     runs inside a generator actor with its ``vllm.LLM``. It validates the published names/shapes against what
     the engine's model expects (vLLM itself fails with a bare ``AssertionError`` deep in a weight loader), loads
     the weights, and drops the engine's prefix cache (cached KV blocks were computed with the old weights; reusing
     them would silently mix policies).
 ``wait()``
-    blocks until a publish has been fully delivered (no-op for file-based backends; the collective backend sends
-    from a background thread so that the learner's publish and the engines' apply can rendezvous).
+    blocks until a publish has been fully delivered (a no-op for both backends here: a file is complete when
+    ``publish`` returns, and a collective ``publish`` returns once every engine has received its stream, which is
+    why it must run concurrently with ``apply`` — :class:`WeightSync`).
 ``cleanup(keep_last)``
     drops old published versions.
 
@@ -23,10 +25,14 @@ Backends (``make_transport(kind, **params)``):
   ``root/run_name/step_<n>/`` (atomically: a hidden temp dir, then ``rename``), every engine calls vLLM's
   ``collective_rpc("reload_weights", kwargs={"weights_path": dir})``. ``/dev/shm`` is node-local, so this backend
   needs rank 0 and all engines on one node (or ``root`` on a shared filesystem). This is the CPU default.
-* ``"collective"`` — :class:`CollectiveTransport`: NCCL (cuda) / HCCL (npu) broadcast from learner rank 0 straight
-  into the engine workers, built on vLLM's weight-transfer API. Designed here, not runnable without accelerators.
+* ``"collective"`` — :class:`CollectiveTransport`: learner rank 0 streams the parameters, in their training dtype
+  and in fixed-size buckets, over a process group of its own (gloo / nccl / hccl from the device table) straight
+  into every engine worker, which loads them in place through vLLM's layerwise reload (``cluster/collective.py``
+  documents the protocol and what vLLM 0.32 offers). No file; under ZeRO-3 the learner gathers one bucket at a
+  time. Both ends must run at once: :class:`WeightSync` drives a sync for either backend from the driver.
 
-The module imports neither vLLM nor Ray; engines are only touched through the ``engine_llm`` object passed in.
+The module imports neither vLLM nor Ray at import time; engines are only touched through the ``engine_llm`` object
+passed in.
 """
 
 from __future__ import annotations
@@ -67,9 +73,10 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 class WeightHandle:
     """What the driver hands each generator to load one published weight version.
 
-    ``tensors`` maps each HF parameter name to ``(shape, safetensors dtype string)`` in publish order (the
-    collective backend broadcasts in exactly this order). ``location`` is backend-specific: a directory for
-    ``shm_safetensors``, ``host:port`` of the rendezvous for ``collective``; ``host`` is where it lives.
+    ``tensors`` maps each HF parameter name to ``(shape, safetensors dtype string)`` in publish order (empty in a
+    collective handle made before the stream: the stream's header carries them). ``location`` is backend-specific:
+    a directory for ``shm_safetensors``, ``host:port/group`` of the rendezvous for ``collective``; ``host`` is
+    where it was made. ``rendezvous`` (collective only): how an engine joins the group.
     """
 
     step: int
@@ -80,6 +87,7 @@ class WeightHandle:
     host: str = ""
     nbytes: int = 0
     created_unix: float = 0.0
+    rendezvous: Optional[Dict[str, Any]] = None
 
     @property
     def shapes(self) -> Dict[str, Shape]:
@@ -293,6 +301,8 @@ class WeightTransport(abc.ABC):
     """Learner → generator weight transport (see the module docstring for the protocol)."""
 
     kind: str = ""
+    # True: publish and apply must run at the same time (they meet in each broadcast); see WeightSync.
+    streams: bool = False
 
     @abc.abstractmethod
     def publish(self, state_dict: Dict[str, torch.Tensor], *, step: int) -> WeightHandle:
@@ -301,8 +311,9 @@ class WeightTransport(abc.ABC):
     @abc.abstractmethod
     def apply(self, engine_llm: Any, handle: WeightHandle, *,
               expected_params: Optional[Mapping[str, Shape]] = None,
-              optional_params: Iterable[str] = ()) -> None:
-        """Inside a generator: load the version ``handle`` names into ``engine_llm`` (a ``vllm.LLM``).
+              optional_params: Iterable[str] = ()) -> Optional[Dict[str, Any]]:
+        """Inside a generator: load the version ``handle`` names into ``engine_llm`` (a ``vllm.LLM``); may return a
+        small report (bytes, checksum, timings) that the generator adds to its own.
 
         ``expected_params`` (name -> shape, usually :func:`checkpoint_params` of the engine's model) is checked
         first; a mismatch raises ``ValueError`` and leaves the engine on its current weights.
@@ -450,150 +461,297 @@ class ShmSafetensorsTransport(WeightTransport):
 
 # ---------------------------------------------------------------------------------------------- collective
 class CollectiveTransport(WeightTransport):
-    """Broadcast from the learner's rank 0 into every engine worker over NCCL (cuda) or HCCL (npu).
+    """Stream the weights from the learner's rank 0 into every engine worker over a process group of their own
+    (``cluster.collective``): gloo on cpu, nccl on cuda, hccl on npu, from the device table. No file, and no
+    host ever holds the full model for the transfer: under ZeRO-3 the learner gathers one bucket at a time, and
+    the engines load each layer as soon as its tensors have arrived.
 
-    Design (vLLM ≥ 0.3x weight-transfer API; ``vllm.distributed.weight_transfer``):
+    Roles (the object is pickled to every actor; connections stay with the process that opened them):
 
-    * Group: one stateless process group of ``1 + Σ_engines tensor_parallel_size`` ranks, rank 0 = learner rank 0,
-      engine ``e`` worker ``w`` = ``1 + Σ_{e'<e} tp_{e'} + w``. Not torch's default group, so it coexists with
-      the learner's ZeRO group and the engines' TP groups.
-    * Engines are built with ``weight_transfer_config={"backend": engine_backend}`` (see :meth:`engine_kwargs`);
-      ``connect_engine`` calls ``llm.init_weight_transfer_engine({"init_info": {master_address, master_port,
-      rank_offset, world_size, packed: False}})`` while the learner calls ``connect_learner`` (the rendezvous is
-      collective: the driver must launch both sides concurrently, once per run).
-    * ``publish`` builds the handle (names, shapes, dtypes in send order) and starts a background thread that
-      broadcasts each tensor from rank 0 in that order, then returns; ``apply`` on each engine runs
-      ``start_weight_update`` → ``update_weights({"update_info": {names, dtype_names, shapes}})`` →
-      ``finish_weight_update`` (vLLM receives into fresh buffers and loads them with the layerwise-reload
-      lifecycle, which also re-runs the backend's weight post-processing) and then ``reset_prefix_cache``.
-      ``wait`` joins the sender; the learner must call it before its next optimizer step mutates the tensors.
-    * A validation failure in ``apply`` happens before the engine joins the broadcast, so the sender times out
-      (``timeout_s``) instead of delivering half a model; the group must then be rebuilt.
+    * driver — :meth:`serve` starts the store and names a group; :meth:`pending_handle` is what the engines get;
+      :meth:`reset` makes the next sync re-form the group (after a failure, or when engines changed);
+      :class:`WeightSync` runs both ends of a sync concurrently (they rendezvous in every broadcast).
+    * learner rank 0 — :meth:`open_sender` (``LearnerWorker.publish_weights`` keeps it between syncs), or
+      :meth:`publish` for a state dict already in this process.
+    * engine — :meth:`apply` asks every vLLM worker of the engine (``worker_extension_cls``, see
+      :meth:`engine_kwargs`) to join the group if needed, receive the stream, check it against the engine's
+      parameters and load it in place with vLLM's layerwise reload.
 
-    What runs here: the handle, rank arithmetic, validation and the engine-side call sequence. What needs an
-    accelerator (raises ``NotImplementedError`` on this CPU-only build): opening the communicator and the
-    broadcast itself. HCCL additionally needs vllm-ascend to register a weight-transfer engine under
-    ``engine_backend`` (``"hccl"`` assumed).
+    ``bucket_mb``: MB per broadcast (bigger: fewer round trips; smaller: less memory on both ends, and on host
+    memory faster, see ``cluster.collective.DEFAULT_BUCKET_MB``); None or 0: that per-backend default.
+    ``timeout_s``: how long any member waits for the others (to join, or inside a broadcast).
+
+    Limitation: weights reach all engines together or none. An engine that ``GeneratorPool`` restarts mid-run
+    cannot load the current version by itself (its ``sync_weights`` fails with ``GroupFullError``, naming the
+    cause); :class:`WeightSync` re-forms the group at the next sync when it sees ``restarts`` change.
     """
 
     kind = "collective"
-    _BACKENDS = {"cuda": "nccl", "npu": "hccl"}
+    streams = True
 
-    def __init__(self, *, device: str = "cuda", master_address: Optional[str] = None, master_port: int = 0,
-                 world_size: int = 0, engine_backend: Optional[str] = None, timeout_s: float = 600.0,
+    def __init__(self, *, device: str, bucket_mb: Optional[float] = None, timeout_s: float = 600.0,
                  run_name: str = "default", root: Optional[str] = None):
-        # `root` is accepted (and unused) so make_transport can be called with one set of sync.* params.
-        if device not in self._BACKENDS:
-            raise ValueError(f"the collective transport needs an accelerator device {sorted(self._BACKENDS)}, got "
-                             f"{device!r}; use 'shm_safetensors' on cpu")
+        # `root` is accepted (and unused) so a caller can pass one set of sync.* options to either transport.
+        from cluster.collective import DEFAULT_BUCKET_MB, backend_of
+
         self.device = device
-        self.engine_backend = engine_backend or self._BACKENDS[device]
-        self.master_address = master_address
-        self.master_port = int(master_port)
-        self.world_size = int(world_size)
+        self.backend = backend_of(device)  # ValueError naming the known devices
+        bucket_mb = bucket_mb or DEFAULT_BUCKET_MB.get(self.backend, 256.0)
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0 (or 0 for the backend's default), got {bucket_mb}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.bucket_bytes = max(1, int(float(bucket_mb) * 2**20))
         self.timeout_s = float(timeout_s)
         self.run_name = run_name
-        self._sender: Optional[threading.Thread] = None
-        self._sender_error: Optional[BaseException] = None
-        self._group: Any = None
+        self.rendezvous: Optional[Dict[str, Any]] = None  # set by serve(); travels with the pickled object
+        self._server: Any = None
+        self._sender: Any = None
 
     def __getstate__(self) -> Dict[str, Any]:
-        # Handed to actors by pickling: the communicator and sender thread stay with the process that owns them.
+        # Handed to actors by pickling: the store server and any open group stay with the process that owns them.
         state = dict(self.__dict__)
-        state.update(_sender=None, _sender_error=None, _group=None)
+        state.update(_server=None, _sender=None)
         return state
 
-    @staticmethod
-    def rank_offsets(tp_sizes: Sequence[int]) -> Tuple[List[int], int]:
-        """(rank offset of each engine's first worker, group world size); the learner's sender is rank 0."""
-        if any(int(t) < 1 for t in tp_sizes):
-            raise ValueError(f"tensor parallel sizes must be ≥ 1, got {list(tp_sizes)}")
-        offsets, nxt = [], 1
-        for t in tp_sizes:
-            offsets.append(nxt)
-            nxt += int(t)
-        return offsets, nxt
-
     def engine_kwargs(self, device: str) -> Dict[str, Any]:
-        return {"weight_transfer_config": {"backend": self.engine_backend}}
+        from cluster.collective import EXTENSION
 
-    def init_info(self, rank_offset: int) -> Dict[str, Any]:
-        if not self.master_address or not self.master_port or self.world_size < 2:
-            raise ValueError("collective transport: set master_address, master_port and world_size "
-                             "(1 + total engine workers; see rank_offsets) before connecting")
-        return {"master_address": self.master_address, "master_port": self.master_port, "rank_offset": int(rank_offset),
-                "world_size": self.world_size, "packed": False}
+        return {"worker_extension_cls": EXTENSION}
 
-    def connect_engine(self, engine_llm: Any, *, rank_offset: int) -> None:
-        """Inside a generator actor, concurrently with :meth:`connect_learner`."""
-        engine_llm.init_weight_transfer_engine({"init_info": self.init_info(rank_offset)})
+    # ------------------------------------------------------------------------------------------- driver
+    def serve(self, *, receivers: int, host: str = "127.0.0.1") -> Dict[str, Any]:
+        """Name a group for 1 sender + ``receivers`` engine workers (reusing the current one when it has that
+        size); start the store on ``host`` (an address every member can reach) the first time."""
+        from cluster.collective import Rendezvous, StoreServer, backend_problem, new_group_id
 
-    def connect_learner(self) -> None:
-        """On the learner's rank 0: open rank 0 of the transfer group."""
-        self.init_info(1)  # validates the rendezvous fields
-        raise NotImplementedError(
-            f"collective transport ({self.engine_backend}): opening the learner's end of the group needs "
-            f"{self.device} devices. Wire: vllm.distributed.weight_transfer.nccl_common.stateless_init_process_group("
-            f"master_address, master_port, rank=0, world_size, device) for nccl; the vllm-ascend equivalent for hccl")
+        if receivers < 1:
+            raise ValueError(f"collective transport: at least one engine worker must receive, got {receivers}")
+        if self.rendezvous is not None and self.rendezvous["world_size"] == 1 + receivers and self._server is not None:
+            return self.rendezvous
+        problem = backend_problem(self.device)
+        if problem:
+            raise RuntimeError(f"collective transport on {self.device!r}: {problem}")
+        if self._server is None or self._server.host != host:
+            self._server = StoreServer(host, timeout_s=self.timeout_s)
+        self.rendezvous = Rendezvous(host=host, port=self._server.port, group=new_group_id(self.run_name),
+                                     world_size=1 + int(receivers), backend=self.backend,
+                                     timeout_s=self.timeout_s).as_dict()
+        return self.rendezvous
+
+    def reset(self) -> None:
+        """Forget the current group: the next :meth:`serve` names a new one, which every member joins afresh."""
+        self.rendezvous = None
+
+    def close(self) -> None:
+        """Stop serving the store and close a sender opened in this process."""
+        self.rendezvous = None
+        sender, server, self._sender, self._server = self._sender, self._server, None, None
+        for obj in (sender, server):
+            if obj is not None:
+                obj.close()
+
+    def pending_handle(self, step: int) -> WeightHandle:
+        """The handle engines apply while the learner streams version ``step`` (names, shapes and dtypes travel in
+        the stream's header)."""
+        rdzv = self._require_rendezvous()
+        return WeightHandle(step=int(step), kind=self.kind, location=f"{rdzv['host']}:{rdzv['port']}/{rdzv['group']}",
+                            tensors={}, checksum="", host=socket.gethostname(), created_unix=time.time(),
+                            rendezvous=dict(rdzv))
+
+    def _require_rendezvous(self) -> Dict[str, Any]:
+        if self.rendezvous is None:
+            raise RuntimeError("collective transport: no weight group named yet (the driver calls serve(), which "
+                               "WeightSync does before each sync)")
+        return self.rendezvous
+
+    # ------------------------------------------------------------------------------------------ learner
+    def open_sender(self, device: Any, previous: Any = None) -> Any:
+        """The sending end for the current group: ``previous`` if it already is (the usual case), else a new one
+        (closing ``previous``). Blocks until every engine worker has joined."""
+        from cluster.collective import Rendezvous, WeightSender
+
+        rdzv = self._require_rendezvous()
+        if previous is not None and previous.group_id == rdzv["group"] and not previous.group.closed:
+            return previous
+        if previous is not None:
+            previous.close()
+        return WeightSender(Rendezvous.from_dict(rdzv), device=device)
+
+    def handle_for(self, step: int, entries: Sequence[Tuple[str, Sequence[int], torch.dtype]],
+                   result: Mapping[str, Any]) -> WeightHandle:
+        """The handle describing a finished stream (``result`` of ``WeightStream.finish``)."""
+        rdzv = self._require_rendezvous()
+        return WeightHandle(step=int(step), kind=self.kind, location=f"{rdzv['host']}:{rdzv['port']}/{rdzv['group']}",
+                            tensors={n: (tuple(int(d) for d in s), _ST_DTYPES.get(dt, str(dt))) for n, s, dt in entries},
+                            checksum=result["checksum"], host=socket.gethostname(), nbytes=int(result["bytes"]),
+                            created_unix=time.time(), rendezvous=dict(rdzv))
 
     def publish(self, state_dict: Dict[str, torch.Tensor], *, step: int) -> WeightHandle:
-        tensors = {k: v.detach() for k, v in state_dict.items()}
-        if not tensors:
+        """Stream a state dict held by this process (a learner without ZeRO-3 partitioning, a benchmark)."""
+        if not state_dict:
             raise ValueError("publish: the state dict is empty")
-        handle = WeightHandle(
-            step=int(step), kind=self.kind, location=f"{self.master_address}:{self.master_port}",
-            tensors={k: (tuple(v.shape), _ST_DTYPES.get(v.dtype, str(v.dtype))) for k, v in tensors.items()},
-            checksum="", host=socket.gethostname(),
-            nbytes=sum(v.numel() * v.element_size() for v in tensors.values()), created_unix=time.time())
-        if self._group is None:
-            raise NotImplementedError(
-                "collective transport: no transfer group on this process (connect_learner must run first, and it "
-                "needs an accelerator)")
-        self.wait()
-        self._sender_error = None
-        self._sender = threading.Thread(target=self._send, args=(list(tensors.values()),), daemon=True,
-                                        name=f"weight-broadcast-step{step}")
-        self._sender.start()
-        return handle
-
-    def _send(self, tensors: List[torch.Tensor]) -> None:
+        first = next(iter(state_dict.values()))
+        device = first.device if first.device.type != "meta" else torch.device("cpu")
+        self._sender = self.open_sender(device, self._sender)
         try:
-            for t in tensors:
-                self._group.broadcast(t.contiguous(), src=0)
-        except BaseException as e:  # surfaced by wait()
-            self._sender_error = e
-
-    def wait(self, timeout: Optional[float] = None) -> None:
-        if self._sender is not None:
-            self._sender.join(self.timeout_s if timeout is None else timeout)
-            if self._sender.is_alive():
-                raise TimeoutError("weight broadcast did not finish: an engine did not join (see its apply error)")
+            result = self._sender.send_state_dict(state_dict, step=step, bucket_bytes=self.bucket_bytes)
+        except BaseException:
+            self._sender.close()
             self._sender = None
-        if self._sender_error is not None:
-            err, self._sender_error = self._sender_error, None
-            raise RuntimeError(f"weight broadcast failed: {err}") from err
+            raise
+        return self.handle_for(step, [(k, v.shape, v.dtype) for k, v in state_dict.items()], result)
 
-    def update_info(self, handle: WeightHandle) -> Dict[str, Any]:
-        """The ``update_weights`` payload of vLLM's NCCL weight-transfer engine for ``handle`` (send order)."""
-        names = list(handle.tensors)
-        dtype_names = [_TORCH_NAME_OF_ST[handle.tensors[n][1]] for n in names]
-        return {"names": names, "dtype_names": dtype_names, "shapes": [list(handle.tensors[n][0]) for n in names]}
-
+    # ------------------------------------------------------------------------------------------- engine
     def apply(self, engine_llm: Any, handle: WeightHandle, *,
               expected_params: Optional[Mapping[str, Shape]] = None,
-              optional_params: Iterable[str] = ()) -> None:
+              optional_params: Iterable[str] = ()) -> Dict[str, Any]:
+        """Receive the version being streamed for ``handle`` into every worker of ``engine_llm``. Returns
+        ``{"checksum", "bytes", "receive_seconds", "workers"}``; raises ``ValueError`` for weights that do not fit
+        the model (the engine keeps its weights), ``PartialWeightsError`` when the stream broke during loading."""
+        from cluster.collective import PartialWeightsError
+
         _check_kind(handle, self.kind)
-        if expected_params is not None:
-            validate_params(handle.shapes, expected_params, optional=optional_params,
-                            source=f"weights published for step {handle.step}", target="the engine's model")
-        info = self.update_info(handle)
-        engine_llm.start_weight_update()
-        engine_llm.update_weights({"update_info": info})
-        engine_llm.finish_weight_update(weight_version=str(handle.step))
-        engine_llm.reset_prefix_cache()
+        if not handle.rendezvous:
+            raise ValueError(f"handle for step {handle.step} names no weight group (build it with pending_handle)")
+        expected = None if expected_params is None else {k: list(v) for k, v in expected_params.items()}
+        reports = engine_llm.collective_rpc("passk_receive_weights", kwargs={
+            "rendezvous": dict(handle.rendezvous), "expected": expected, "optional": sorted(optional_params)})
+        bad = [r for r in reports if not r["ok"]]
+        if bad:
+            errors = "; ".join(sorted({str(r["error"]) for r in bad}))
+            if any(r["weights"] == "partial" for r in reports):
+                raise PartialWeightsError(f"{errors} — this engine now holds a mix of two weight versions; it must "
+                                          f"receive a complete sync before it is used again")
+            if all(r.get("reason") == "mismatch" for r in bad):
+                raise ValueError(errors)  # nothing loaded: the engine keeps the weights it had
+            raise RuntimeError(errors)
+        checksums = {r["checksum"] for r in reports}
+        if len(checksums) != 1:
+            raise RuntimeError(f"step {handle.step}: the workers of one engine received different bytes {checksums}")
+        engine_llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        return {"checksum": checksums.pop(), "bytes": max(r["bytes"] for r in reports),
+                "receive_seconds": max(r.get("seconds", 0.0) for r in reports),
+                "transfer_seconds": max(r.get("transfer_seconds", 0.0) for r in reports),
+                "connect_seconds": max(r.get("connect_seconds", 0.0) for r in reports), "workers": len(reports)}
+
+    def close_engine(self, engine_llm: Any) -> None:
+        """Drop the engine workers' ends of the group (they rejoin at the next sync)."""
+        engine_llm.collective_rpc("passk_close_weight_group")
 
 
-_TORCH_NAME_OF_ST = {v: str(k).split(".")[-1] for k, v in _ST_DTYPES.items()}
+class WeightSync:
+    """Driver side of a sync, learner group → generator pool, for any transport; what the trainer calls.
+
+    File transports publish, then the engines load. A streaming transport has both ends run at once (they meet
+    in every broadcast): the learner's ``publish_weights`` in a helper thread, the pool's ``sync_weights`` here.
+    If either side fails, the other fails fast (a closed group), the group is re-formed at the next sync, and the
+    learner's error — the cause, usually — is raised, with the engines' as context.
+
+    ``learner``: has ``publish_weights(transport, step=)`` (``LearnerGroup``); ``generators``: has
+    ``sync_weights(handle)`` and ``num_engines`` (``GeneratorPool``); ``workers_per_engine``: vLLM workers per
+    engine (its tensor-parallel size); ``host``: the driver's address as the engines and learner see it.
+    """
+
+    def __init__(self, learner: Any, generators: Any, transport: WeightTransport, *, workers_per_engine: int = 1,
+                 host: Optional[str] = None):
+        if workers_per_engine < 1:
+            raise ValueError(f"workers_per_engine must be ≥ 1, got {workers_per_engine}")
+        self.learner, self.generators, self.transport = learner, generators, transport
+        self.workers_per_engine = int(workers_per_engine)
+        self.host = host or _reachable_address()
+        self._restarts = getattr(generators, "restarts", 0)
+
+    def sync(self, step: int) -> Dict[str, Any]:
+        """Deliver the learner's current weights to every engine as version ``step``; returns ``{"step",
+        "seconds", "publish_seconds", "bytes", "transport", "engines": [per-engine reports]}``.
+
+        Streaming: an engine that died during the broadcast is replaced (``generators.replace_dead()``) and the
+        whole sync is done once more, with a re-formed group; a second failure propagates."""
+        if not getattr(self.transport, "streams", False):
+            return self._sync_once(step)
+        try:
+            return self._sync_once(step)
+        except BaseException as first:  # noqa: BLE001 - retried only when an engine is gone; else re-raised
+            replace = getattr(self.generators, "replace_dead", None)
+            if replace is None or not replace():
+                raise
+            print(f"[passk_rl.weight_sync] an engine died during the sync of step {step} "
+                  f"({type(first).__name__}); replaced it and re-sending the weights to every engine", flush=True)
+            return self._sync_once(step)
+
+    def _sync_once(self, step: int) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        if not getattr(self.transport, "streams", False):
+            handle = self.learner.publish_weights(self.transport, step=step)
+            t1 = time.perf_counter()
+            report = self.generators.sync_weights(handle)
+            return {**report, "seconds": time.perf_counter() - t0, "publish_seconds": t1 - t0,
+                    "bytes": handle.nbytes, "transport": self.transport.kind}
+
+        tr = self.transport
+        restarts = getattr(self.generators, "restarts", 0)
+        if restarts != self._restarts:  # a replaced engine is not in the old group
+            tr.reset()
+            self._restarts = restarts
+        tr.serve(receivers=self.generators.num_engines * self.workers_per_engine, host=self.host)
+        handle = tr.pending_handle(step)
+        box: Dict[str, Any] = {}
+
+        def publish() -> None:
+            t = time.perf_counter()
+            try:
+                box["handle"] = self.learner.publish_weights(tr, step=step)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+                box["error"] = e
+            box["seconds"] = time.perf_counter() - t
+
+        sender = threading.Thread(target=publish, name=f"publish-weights-step{step}", daemon=True)
+        sender.start()
+        engine_error: Optional[BaseException] = None
+        report: Dict[str, Any] = {}
+        try:
+            report = self.generators.sync_weights(handle)
+        except BaseException as e:  # noqa: BLE001 - decided below, once the learner side has ended too
+            engine_error = e
+        # A safety net, not an expected wait: each of the learner's broadcasts gives up after timeout_s, and once
+        # the engines have returned (done, or their ends closed) what is left on the learner is local work.
+        sender.join(tr.timeout_s * 2 + 60)
+        if sender.is_alive():
+            tr.reset()
+            raise TimeoutError(f"step {step}: the learner did not finish streaming its weights within "
+                               f"{2 * tr.timeout_s + 60:g}s") from engine_error
+        if "error" in box or engine_error is not None:
+            tr.reset()
+            if "error" in box:
+                raise box["error"] from engine_error
+            raise engine_error  # type: ignore[misc]
+        published: WeightHandle = box["handle"]
+        wrong = [i for i, r in enumerate(report["engines"]) if r.get("checksum") != published.checksum]
+        if wrong:
+            tr.reset()
+            raise RuntimeError(f"step {step}: engines {wrong} received bytes that differ from what the learner sent "
+                               f"(sampled checksum); their weights are not the learner's")
+        return {**report, "seconds": time.perf_counter() - t0, "publish_seconds": box["seconds"],
+                "bytes": published.nbytes, "transport": tr.kind}
+
+    def close(self) -> None:
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            close()
+
+
+def _reachable_address() -> str:
+    """This node's address as other Ray nodes see it (loopback outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
 
 # --------------------------------------------------------------------------------------------- registry
 TRANSPORTS: Dict[str, Callable[..., WeightTransport]] = {
@@ -609,8 +767,13 @@ def make_transport(kind: str, **params: Any) -> WeightTransport:
     import inspect
 
     cls = TRANSPORTS[kind]
-    allowed = set(inspect.signature(cls).parameters)
-    bad = sorted(set(params) - allowed)
+    signature = inspect.signature(cls).parameters
+    bad = sorted(set(params) - set(signature))
     if bad:
-        raise ValueError(f"weight transport {kind!r} does not take {bad}; it takes {sorted(allowed)}")
+        raise ValueError(f"weight transport {kind!r} does not take {bad}; it takes {sorted(signature)}")
+    missing = sorted(k for k, p in signature.items() if p.default is inspect.Parameter.empty and k not in params)
+    if missing:
+        raise ValueError(f"weight transport {kind!r} needs {missing} (e.g. device=cluster.device: its backend "
+                         f"comes from the device table)" if "device" in missing else
+                         f"weight transport {kind!r} needs {missing}")
     return cls(**params)

@@ -220,10 +220,12 @@ class ScheduleConfig:
 @dataclasses.dataclass
 class SyncConfig:
     # how weights reach the engines after each step
-    transport: str = dataclasses.field(default="shm_safetensors", metadata=_choice("shm_safetensors", "collective"))
+    transport: str = dataclasses.field(default="collective", metadata=_choice("shm_safetensors", "collective"))
     root: str = "/dev/shm/passk_rl"  # shm_safetensors: where published weights live (a shared mount across nodes)
     keep_last: int = 2  # shm_safetensors: published versions kept (>= 1; 2 lets a late engine read the previous)
     verify_checksum: bool = True  # shm_safetensors: engines re-check the sampled checksum before loading
+    bucket_mb: float = 0.0  # collective: MB per broadcast (0: the backend's default, 4 on cpu / 256 on cuda and npu)
+    timeout_s: float = 600.0  # collective: how long the learner and the engines wait for each other
     probe: bool = True  # after each sync, check generator logprobs against the learner on a fixed completion
 
 
@@ -425,6 +427,8 @@ def _positive(cfg: Config) -> None:
         "learner.dual_clip": cfg.learner.dual_clip is None or cfg.learner.dual_clip > 1,
         "learner.max_response_len": cfg.learner.max_response_len is None or cfg.learner.max_response_len >= 1,
         "sync.keep_last": cfg.sync.keep_last >= 1,
+        "sync.bucket_mb": cfg.sync.bucket_mb >= 0,
+        "sync.timeout_s": cfg.sync.timeout_s > 0,
         "learner.kl_coef": cfg.learner.kl_coef >= 0,
         "learner.clip_low": cfg.learner.clip_low >= 0,
         "learner.clip_high": cfg.learner.clip_high >= 0,
@@ -443,6 +447,20 @@ def _positive(cfg: Config) -> None:
             raise ConfigError(f"{key}: invalid value {getattr(getattr(cfg, section), name)!r}")
     if len(cfg.learner.betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.betas):
         raise ConfigError(f"learner.betas: expected two numbers in [0, 1), got {cfg.learner.betas}")
+
+
+def installation_problems(cfg: Config) -> List[str]:
+    """What this machine's installation cannot do for ``cfg`` (checked by the launch before any actor starts, not
+    by ``validate``: a config planned on one machine may be meant for another)."""
+    problems = []
+    if cfg.sync.transport == "collective":
+        from cluster.collective import backend_problem
+
+        problem = backend_problem(cfg.cluster.device)
+        if problem:
+            problems.append(f"sync.transport: 'collective' cannot work on cluster.device={cfg.cluster.device} "
+                            f"here: {problem}; use 'shm_safetensors'")
+    return problems
 
 
 def validate(cfg: Config) -> None:
@@ -531,7 +549,5 @@ def validate(cfg: Config) -> None:
     if cfg.cluster.device == "cpu":
         if cfg.generator.tensor_parallel_size != 1:
             raise ConfigError("generator.tensor_parallel_size: must be 1 on cluster.device=cpu")
-        if cfg.sync.transport != "shm_safetensors":
-            raise ConfigError("sync.transport: only 'shm_safetensors' works on cluster.device=cpu")
         if cfg.model.dtype == "float16":
             raise ConfigError("model.dtype: float16 is not supported on cluster.device=cpu; use float32 or bfloat16")

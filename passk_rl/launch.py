@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from passk_rl.config import ConfigError, dump_yaml, load_config
+from passk_rl.config import ConfigError, dump_yaml, installation_problems, load_config
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -21,6 +21,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve the config, the placement plan and per-device memory; start nothing")
+    p.add_argument("--phase-times", default=None, metavar="METRICS_JSONL",
+                   help="with --dry-run: a synchronous run's metrics.jsonl; projects what max_staleness=1 gains")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. run.steps=5")
     return p.parse_args(argv)
 
@@ -35,10 +37,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    problems = installation_problems(cfg)
     if args.dry_run:
         print("# resolved config\n" + dump_yaml(cfg))
         print("# placement and memory plan\n" + plan.render())
+        for problem in problems:
+            print(f"# note, on this machine: {problem}")
+        if args.phase_times:
+            import json
+
+            from passk_rl.plan import overlap_projection
+
+            rows = [json.loads(x) for x in Path(args.phase_times).read_text().splitlines() if x.strip()][1:]
+            mean = {k: sum(r["phase_seconds"].get(k, 0.0) for r in rows) / max(len(rows), 1)
+                    for k in rows[0]["phase_seconds"]} if rows else {}
+            print("# overlap (from " + args.phase_times + ")\n" + overlap_projection(mean))
         return 0 if plan.fits else 3
+    if problems:
+        print("config error: " + "; ".join(problems), file=sys.stderr)
+        return 2
     if plan is not None and not plan.fits:
         print("the placement plan does not fit:\n" + plan.render(), file=sys.stderr)
         return 3

@@ -172,4 +172,25 @@ def make_plan(cfg: Config, spec: Optional[ModelSpec] = None) -> Plan:
                 notes.append(f"{dp.role}: {dp.total_gib:.1f} GiB exceeds the per-device budget {budget:.1f} GiB")
         if gen_weights >= cfg.generator.gpu_memory_utilization * mem:
             fits = False
+    # Weight sync: what moves every step. The file transport writes the fp32 model once and every engine reads all
+    # of it; the collective one broadcasts the training dtype once (each engine keeps its TP shard).
+    dtype_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+    file_gb = 4 * P * (1 + cfg.generator.num_engines) / 1e9
+    coll_gb = dtype_bytes * P / 1e9
+    notes.append(f"weight sync per step: file transport {file_gb:,.1f} GB through {cfg.sync.root} (fp32 written "
+                 f"once, read by {cfg.generator.num_engines} engine(s)); collective {coll_gb:,.1f} GB broadcast in "
+                 f"{cfg.model.dtype}, no file ({file_gb / max(coll_gb, 1e-12):.0f}× less data)")
     return Plan(cfg.cluster.device, cfg.cluster.num_devices, mem if accel else 0.0, gen_devices, W, per, notes, fits)
+
+
+def overlap_projection(phase_seconds: Dict[str, float]) -> str:
+    """What one-step off-policy (algorithm.max_staleness=1) would gain from measured phase times of a
+    synchronous run: sampling and verifying overlap the update, so the step is max(generate + verify, update)
+    plus the rest instead of their sum (an upper bound: on shared hardware the overlapped phases compete)."""
+    g = phase_seconds.get("generate", 0.0) + phase_seconds.get("verify", 0.0)
+    u = phase_seconds.get("update", 0.0)
+    rest = sum(v for k, v in phase_seconds.items() if k not in ("generate", "verify", "update"))
+    sync_step, async_step = g + u + rest, max(g, u) + rest
+    return (f"measured synchronous step {sync_step:.2f} s (generate+verify {g:.2f}, update {u:.2f}, other {rest:.2f}); "
+            f"with max_staleness=1 at most {sync_step / max(async_step, 1e-12):.2f}× faster ({async_step:.2f} s) "
+            f"when sampling and training run on separate devices")

@@ -134,7 +134,7 @@ class Trainer:
         self.started_ray = False
         self.gen = self.verifier = self.learner = self.phat = self.dash = None
         self.placement = None
-        self.transport = None
+        self.transport = self.weight_sync = None
         self.status_totals = {s: 0 for s in STATUSES}
         self.skipped_in_a_row = 0
         self.skipped_total = 0
@@ -178,7 +178,7 @@ class Trainer:
         from actors.verifier import VerifierPool
         from cluster.devices import device_spec
         from cluster.placement import reserve
-        from cluster.weight_sync import make_transport
+        from cluster.weight_sync import WeightSync, make_transport
         from passk_rl.metrics import create_dashboard_actor
 
         self.started_ray = init_ray(cfg)
@@ -199,8 +199,9 @@ class Trainer:
                                       shaping=cfg.algorithm.shaping)
         if cfg.logging.ray_metrics:
             self.dash = create_dashboard_actor(cfg.run.name, cfg.logging.pass_at_ks)
-        sync_opts = {"root": cfg.sync.root, "keep_last": cfg.sync.keep_last,
-                     "verify_checksum": cfg.sync.verify_checksum} if cfg.sync.transport == "shm_safetensors" else {}
+        sync_opts = ({"root": cfg.sync.root, "keep_last": cfg.sync.keep_last, "verify_checksum": cfg.sync.verify_checksum}
+                     if cfg.sync.transport == "shm_safetensors" else
+                     {"device": cfg.cluster.device, "bucket_mb": cfg.sync.bucket_mb, "timeout_s": cfg.sync.timeout_s})
         self.transport = make_transport(cfg.sync.transport, run_name=cfg.run.name, **sync_opts)
         self.verifier = VerifierPool(cfg.task.name, cfg.task.params, num_workers=cfg.verifier.num_workers,
                                      timeout_s=cfg.verifier.timeout_s,
@@ -208,6 +209,11 @@ class Trainer:
         self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
                                              placement_group=self.placement.generator_pg)
         self.learner = LearnerGroup.from_config(cfg, self.model_path, placement_group=self.placement.learner_pg)
+        self.weight_sync = WeightSync(self.learner, self.gen, self.transport,
+                                      workers_per_engine=cfg.generator.tensor_parallel_size)
+        if getattr(self.transport, "streams", False):
+            # a replaced engine cannot take a broadcast alone: the whole group is re-formed and re-sent
+            self.gen.restart_hook = lambda: self.weight_sync.sync(self.rollout.weights_version)
         g, L = cfg.generator, cfg.learner
         self.rollout = RolloutStage(gen=self.gen, verifier=self.verifier, task=self.task, tokenizer=self.tokenizer,
                                     draw=self.next_prompts, order_state=lambda: (list(self.order), self.rng.getstate()),
@@ -341,8 +347,7 @@ class Trainer:
             update_skipped = self.check_update(step, prompts, advantages, train_metrics)
         with timer.phase("sync"):
             self.rollout.wait_idle()  # an engine never swaps weights in the middle of a batch
-            handle = self.learner.publish_weights(self.transport, step=step)
-            self.gen.sync_weights(handle)
+            self.weight_sync.sync(step)
             self.rollout.synced(step)
             probe = self.sync_probe(batch[0]) if cfg.sync.probe else None
         with timer.phase("log"):
@@ -567,7 +572,8 @@ class Trainer:
         self.rng.setstate(_tuple_state(driver["rng"]))
         self.status_totals.update(driver.get("status_totals", {}))
         self.skipped_total = int(driver.get("skipped_total", 0))
-        self.gen.sync_weights(self.learner.publish_weights(self.transport, step=step))
+        self.weight_sync.sync(step)
+        self.rollout.synced(step)
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
             keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
@@ -608,6 +614,11 @@ class Trainer:
                     obj.shutdown()
                 except Exception as e:  # shutting down must not hide the run's own error
                     print(f"[passk_rl] shutdown of {type(obj).__name__} failed: {e}", file=sys.stderr)
+        if self.weight_sync is not None:
+            try:
+                self.weight_sync.close()  # the collective transport's store
+            except Exception as e:  # noqa: BLE001 - shutting down must not hide the run's own error
+                print(f"[passk_rl] closing the weight sync failed: {e}", file=sys.stderr)
         if self.transport is not None:
             try:
                 self.transport.cleanup(keep_last=0)  # the published weights in /dev/shm are this run's only

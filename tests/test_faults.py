@@ -88,7 +88,20 @@ def test_kill_9_of_the_generator_engine_is_survived(tmp_path):
     """kill -9 of the vLLM engine's actor process after step 2: the pool starts a new engine, loads the current
     weights, re-issues the lost requests; every step completes, the restart is counted, and the new engine holds
     the learner's weights (the post-sync probe still agrees to 1e-4)."""
-    proc = _launch(tmp_path, "kill", "run.steps=5")
+    _engine_kill_is_survived(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_kill_9_of_the_generator_engine_is_survived_with_the_file_transport(tmp_path):
+    """The same with weights through a safetensors file: the new engine reads the last published file. (With the
+    default, collective, transport the replaced engine is not in the old group: the group is re-formed and every
+    engine re-sent the current weights before the lost requests are re-issued.)"""
+    _engine_kill_is_survived(tmp_path, "sync.transport=shm_safetensors")
+
+
+def _engine_kill_is_survived(tmp_path, *extra):
+    proc = _launch(tmp_path, "kill", "run.steps=5", *extra)
     run_dir = tmp_path / "kill"
     _wait_for_step(run_dir, 2, proc)
     pids = _actor_pids(proc.pid, "GeneratorActor")

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from cluster.weight_sync import (
-    CollectiveTransport,
     ShmSafetensorsTransport,
     WeightHandle,
     checkpoint_params,
@@ -132,28 +131,29 @@ def test_bad_inputs_are_rejected(tmp_path):
     h = tr.publish(_sd(), step=1)
     with pytest.raises(ValueError, match="published by transport 'collective'"):
         tr.check(WeightHandle(**{**h.__dict__, "kind": "collective"}))
-    with pytest.raises(ValueError, match="accelerator"):
-        make_transport("collective", device="cpu")
+    with pytest.raises(ValueError, match=r"'collective' needs \['device'\]"):
+        make_transport("collective")
 
 
-def test_collective_transport_plan():
-    offsets, world = CollectiveTransport.rank_offsets([2, 2, 4])
-    assert offsets == [1, 3, 5] and world == 9
-    tr = make_transport("collective", device="npu", master_address="10.0.0.1", master_port=29555, world_size=world,
-                        root="/dev/shm/ignored", run_name="x")
-    assert tr.engine_kwargs("npu") == {"weight_transfer_config": {"backend": "hccl"}}
-    assert tr.init_info(offsets[1])["rank_offset"] == 3
-    h = WeightHandle(step=1, kind="collective", location="10.0.0.1:29555",
-                     tensors={"w": ((2, 3), "BF16"), "b": ((3,), "F32")}, checksum="")
-    assert tr.update_info(h) == {"names": ["w", "b"], "dtype_names": ["bfloat16", "float32"],
-                                 "shapes": [[2, 3], [3]]}
-    with pytest.raises(NotImplementedError):
-        tr.connect_learner()
-    with pytest.raises(NotImplementedError):
-        tr.publish({"w": torch.zeros(2)}, step=1)
+def test_collective_transport_backend_comes_from_the_device_table():
     import pickle
 
-    assert pickle.loads(pickle.dumps(tr)).world_size == world
+    for device, backend in (("cpu", "gloo"), ("cuda", "nccl"), ("npu", "hccl")):
+        tr = make_transport("collective", device=device, root="/dev/shm/ignored", run_name="x")
+        assert tr.backend == backend
+        assert tr.engine_kwargs(device) == {"worker_extension_cls": "cluster.collective.WeightReceiverExtension"}
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        make_transport("collective", device="tpu")
+    tr = make_transport("collective", device="cpu", bucket_mb=1)
+    tr.serve(receivers=3)
+    copy = pickle.loads(pickle.dumps(tr))  # what an actor gets: the rendezvous, not the driver's store
+    assert copy.rendezvous == tr.rendezvous and copy.rendezvous["world_size"] == 4
+    assert copy._server is None and tr._server is not None
+    assert tr.serve(receivers=3) == tr.rendezvous  # same size: the same group
+    group = tr.rendezvous["group"]
+    tr.reset()
+    assert tr.serve(receivers=3)["group"] != group  # re-formed under a new id
+    tr.close()
 
 
 def test_checkpoint_params_of_tiny_model(tmp_path):
