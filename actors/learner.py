@@ -771,6 +771,11 @@ class LearnerActor:
         self.worker = LearnerWorker(model_path, **kwargs)
         return True
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def call(self, method: str, *args, **kwargs):
         if self.worker is None:
             raise RuntimeError("learner worker not initialised")
@@ -885,6 +890,12 @@ class LearnerGroup:
     def info(self) -> List[Dict[str, Any]]:
         """Per-rank :meth:`LearnerWorker.info` (includes each rank's start-up seconds)."""
         return self._all("info")
+
+    def node_ids(self) -> List[str]:
+        """The Ray node each rank runs on."""
+        import ray
+
+        return ray.get([a.node_id.remote() for a in self.actors])
 
     def publish_weights(self, transport, step: int):
         return self._all("publish_weights", None, transport=transport, step=step)[0]

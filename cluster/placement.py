@@ -26,20 +26,27 @@ class Placement:
                 remove_placement_group(pg)
 
 
-def bundles(spec: DeviceSpec, count: int, cpus: float, devices: int) -> List[Dict[str, float]]:
-    b: Dict[str, float] = {"CPU": cpus}
+def bundles(spec: DeviceSpec, count: int, cpus: float, devices: int,
+            extra: Optional[Dict[str, float]] = None) -> List[Dict[str, float]]:
+    """``count`` bundles of ``cpus`` CPUs and ``devices`` devices; ``extra`` custom resources (e.g. a node's label
+    resource, {"gen_node": 0.01}) decide which nodes may host them."""
+    b: Dict[str, float] = {"CPU": cpus, **{k: float(v) for k, v in (extra or {}).items()}}
     if spec.ray_resource is not None:
         b[spec.ray_resource] = float(devices)
     return [dict(b) for _ in range(count)]
 
 
 def reserve(spec: DeviceSpec, *, num_engines: int, tp: int, cpus_per_engine: float, world_size: int,
-            cpus_per_rank: float, strategy: str = "PACK", timeout_s: float = 120.0) -> Placement:
+            cpus_per_rank: float, strategy: str = "PACK", timeout_s: float = 120.0,
+            generator_resources: Optional[Dict[str, float]] = None,
+            learner_resources: Optional[Dict[str, float]] = None) -> Placement:
     import ray
     from ray.util.placement_group import placement_group
 
-    gen = placement_group(bundles(spec, num_engines, cpus_per_engine, tp), strategy=strategy, name="passk_rl.generators")
-    learn = placement_group(bundles(spec, world_size, cpus_per_rank, 1), strategy=strategy, name="passk_rl.learner")
+    gen = placement_group(bundles(spec, num_engines, cpus_per_engine, tp, generator_resources), strategy=strategy,
+                          name="passk_rl.generators")
+    learn = placement_group(bundles(spec, world_size, cpus_per_rank, 1, learner_resources), strategy=strategy,
+                            name="passk_rl.learner")
     ready, _ = ray.wait([gen.ready(), learn.ready()], num_returns=2, timeout=timeout_s)
     if len(ready) < 2:
         avail = ray.available_resources()
@@ -49,8 +56,8 @@ def reserve(spec: DeviceSpec, *, num_engines: int, tp: int, cpus_per_engine: flo
             remove_placement_group(pg)
         raise RuntimeError(
             f"could not reserve resources in {timeout_s:.0f}s: generators need {num_engines} × "
-            f"{bundles(spec, 1, cpus_per_engine, tp)[0]}, learner needs {world_size} × "
-            f"{bundles(spec, 1, cpus_per_rank, 1)[0]}; the cluster has available {avail}"
+            f"{bundles(spec, 1, cpus_per_engine, tp, generator_resources)[0]}, learner needs {world_size} × "
+            f"{bundles(spec, 1, cpus_per_rank, 1, learner_resources)[0]}; the cluster has available {avail}"
         )
     return Placement(gen, learn)
 

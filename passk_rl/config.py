@@ -60,6 +60,10 @@ class ClusterConfig:
     device_memory_gib: Optional[float] = None  # per-device budget for the planner; default from the device table
     # Ray placement-group strategy
     placement_strategy: str = dataclasses.field(default="PACK", metadata=_choice("PACK", "SPREAD", "STRICT_PACK"))
+    # Custom Ray resources added to every engine's / learner rank's bundle, to choose their nodes: start a node
+    # with `ray start --resources '{"gen_node": 8}'` and set {gen_node: 0.01}
+    generator_resources: Dict[str, float] = dataclasses.field(default_factory=dict)
+    learner_resources: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

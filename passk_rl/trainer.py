@@ -192,7 +192,9 @@ class Trainer:
         self.placement = reserve(spec, num_engines=cfg.generator.num_engines, tp=cfg.generator.tensor_parallel_size,
                                  cpus_per_engine=cfg.generator.num_cpus_per_engine,
                                  world_size=cfg.learner.world_size, cpus_per_rank=cfg.learner.num_cpus_per_rank,
-                                 strategy=cfg.cluster.placement_strategy)
+                                 strategy=cfg.cluster.placement_strategy,
+                                 generator_resources=cfg.cluster.generator_resources,
+                                 learner_resources=cfg.cluster.learner_resources)
         self.phat = create_phat_actor(cfg.run.name, estimator=cfg.estimator.kind,
                                       estimator_params=cfg.estimator.params, schedule=cfg.schedule.kind,
                                       schedule_params=cfg.schedule.params, n=cfg.generator.n,
@@ -215,6 +217,10 @@ class Trainer:
             # a replaced engine cannot take a broadcast alone: the whole group is re-formed and re-sent
             self.gen.restart_hook = lambda: self.weight_sync.sync(self.rollout.weights_version)
         g, L = cfg.generator, cfg.learner
+        # where every part runs (several nodes: engines and ranks may sit on different ones)
+        (self.run_dir / "placement.json").write_text(json.dumps({
+            "generators": [i.get("node_id") for i in self.gen.engine_info], "learner": self.learner.node_ids(),
+            "driver": ray.get_runtime_context().get_node_id()}, indent=1))
         self.rollout = RolloutStage(gen=self.gen, verifier=self.verifier, task=self.task, tokenizer=self.tokenizer,
                                     draw=self.next_prompts, order_state=lambda: (list(self.order), self.rng.getstate()),
                                     n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
