@@ -63,7 +63,7 @@ class ClusterConfig:
     # Custom Ray resources added to every engine's / learner rank's bundle, to choose their nodes: start a node
     # with `ray start --resources '{"gen_node": 8}'` and set {gen_node: 0.01}
     generator_resources: Dict[str, float] = dataclasses.field(default_factory=dict)
-    learner_resources: Dict[str, float] = dataclasses.field(default_factory=dict)
+    learner_resources: Dict[str, float] = dataclasses.field(default_factory=dict)  # the same for learner ranks
 
 
 @dataclasses.dataclass
