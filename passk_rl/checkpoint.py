@@ -46,7 +46,8 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -87,7 +88,7 @@ def commit(root: Path, tmp: Path, step: int, *, keep: int) -> Path:
     for f in _files(tmp):
         _fsync_path(f)
         size = f.stat().st_size
-        manifest[str(f.relative_to(tmp))] = [size, _sha256(f) if size <= HASH_LIMIT else None]
+        manifest[str(f.relative_to(tmp))] = [size, sha256_file(f) if size <= HASH_LIMIT else None]
     for d in sorted({f.parent for f in _files(tmp)} | {tmp}, key=lambda p: len(p.parts), reverse=True):
         _fsync_path(d)
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=0, sort_keys=True))
@@ -141,7 +142,7 @@ def verify(ckpt: Path) -> Optional[str]:
             return f"{rel} is missing"
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, {size} were saved"
-        if digest is not None and _sha256(f) != digest:
+        if digest is not None and sha256_file(f) != digest:
             return f"{rel} does not match its saved sha256"
     return None
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -424,11 +423,9 @@ class Runner:
 
 
 def _weights_sha(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(model_dir) / "model.safetensors", "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from passk_rl.checkpoint import sha256_file
+
+    return sha256_file(Path(model_dir) / "model.safetensors")
 
 
 def _metric(res: Dict[str, Any], k: int) -> float:

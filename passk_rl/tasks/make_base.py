@@ -131,17 +131,11 @@ def ensure_base_model(cache_dir: Optional[os.PathLike] = None, *, seed: int = 0,
     return out
 
 
+from passk_rl.checkpoint import sha256_file  # noqa: E402
+
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models" / "arith-base"
 _BUILTIN_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", "base_eval.json", "recipe.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def builtin_base_model(path: Optional[os.PathLike] = None) -> Path:
@@ -160,7 +154,7 @@ def builtin_base_model(path: Optional[os.PathLike] = None) -> Path:
     if meta.get("key") != want:
         raise RuntimeError(f"the committed base model in {d} was built from recipe {meta.get('key')!r}, but "
                            f"make_base's recipe is now {want!r}; {fix}")
-    if meta.get("sha256") != _sha256(d / "model.safetensors"):
+    if meta.get("sha256") != sha256_file(d / "model.safetensors"):
         raise RuntimeError(f"{d}/model.safetensors does not match its recorded sha256 (corrupted or replaced); {fix}")
     return d
 
@@ -176,7 +170,7 @@ def commit_base_model(src: os.PathLike, dest: Optional[os.PathLike] = None) -> P
     tmp.mkdir(parents=True)
     for name in _BUILTIN_FILES:
         shutil.copyfile(src / name, tmp / name)
-    meta["sha256"] = _sha256(tmp / "model.safetensors")
+    meta["sha256"] = sha256_file(tmp / "model.safetensors")
     (tmp / "passk_rl_model.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     if dest.exists():
         shutil.rmtree(dest)
