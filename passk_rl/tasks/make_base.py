@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from passk_rl.checkpoint import sha256_file
+
 RECIPE_VERSION = 1
 MARKER = "COMPLETE"
 
@@ -130,8 +132,6 @@ def ensure_base_model(cache_dir: Optional[os.PathLike] = None, *, seed: int = 0,
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-from passk_rl.checkpoint import sha256_file  # noqa: E402
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "models" / "arith-base"
 _BUILTIN_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
