@@ -203,6 +203,14 @@ class VerifierPool:
         self._actors: List[Any] = [self._new_actor() for _ in range(num_workers)]
         ray.get([a.ready.remote() for a in self._actors], timeout=self.startup_timeout_s)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> "VerifierPool":
+        """The pool a run's config asks for (``cfg.task`` and ``cfg.verifier``)."""
+        v = cfg.verifier
+        return cls(cfg.task.name, cfg.task.params, num_workers=v.num_workers, timeout_s=v.timeout_s,
+                   num_cpus_per_worker=v.num_cpus_per_worker, chunks_per_worker=v.chunks_per_worker,
+                   grace_s=v.grace_s, startup_timeout_s=v.startup_timeout_s)
+
     def _new_actor(self) -> Any:
         return self._actor_cls.remote(self.task_name, self.task_params, self.timeout_s)
 

@@ -133,6 +133,9 @@ class VerifierConfig:
     # or error): training on what is left would be training on a broken verifier.
     max_unverified_frac: float = 0.5
     health_window: int = 5  # steps the max_unverified_frac share is taken over
+    chunks_per_worker: int = 2  # chunks per actor per batch (> 1 evens out uneven verification times)
+    grace_s: float = 10.0  # slack on each chunk's deadline (timeout_s × chunk size + grace_s) before a restart
+    startup_timeout_s: float = 120.0  # limit for a (re)started verifier actor to come up
 
 
 @dataclasses.dataclass
@@ -419,6 +422,9 @@ def _positive(cfg: Config) -> None:
         "generator.max_restarts": cfg.generator.max_restarts >= 0,
         "verifier.max_unverified_frac": 0 < cfg.verifier.max_unverified_frac <= 1,
         "verifier.health_window": cfg.verifier.health_window >= 1,
+        "verifier.chunks_per_worker": cfg.verifier.chunks_per_worker >= 1,
+        "verifier.grace_s": cfg.verifier.grace_s >= 0,
+        "verifier.startup_timeout_s": cfg.verifier.startup_timeout_s > 0,
         "verifier.timeout_s": cfg.verifier.timeout_s > 0,
         "learner.world_size": cfg.learner.world_size >= 1,
         "learner.lr": cfg.learner.lr > 0,

@@ -205,9 +205,7 @@ class Trainer:
                      if cfg.sync.transport == "shm_safetensors" else
                      {"device": cfg.cluster.device, "bucket_mb": cfg.sync.bucket_mb, "timeout_s": cfg.sync.timeout_s})
         self.transport = make_transport(cfg.sync.transport, run_name=cfg.run.name, **sync_opts)
-        self.verifier = VerifierPool(cfg.task.name, cfg.task.params, num_workers=cfg.verifier.num_workers,
-                                     timeout_s=cfg.verifier.timeout_s,
-                                     num_cpus_per_worker=cfg.verifier.num_cpus_per_worker)
+        self.verifier = VerifierPool.from_config(cfg)
         self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
                                              placement_group=self.placement.generator_pg)
         self.learner = LearnerGroup.from_config(cfg, self.model_path, placement_group=self.placement.learner_pg)
