@@ -200,15 +200,16 @@ class AlgorithmConfig:
 class GuardConfig:
     """When a step's numbers say the run has gone wrong: stop with a message naming what, never train on."""
 
-    # An advantage beyond this × the largest the shaping's group form gives at n (shaping.advantage_bound)
-    # stops the run, naming the prompts (only reachable with p_hat_source=estimator or custom shaping params).
+    # A bad step is logged with the prompts that caused it and counted; this many in a row stop the run:
+    max_bad_steps: int = 3
+    # an advantage non-finite or beyond this × the largest the shaping's group form gives at n
+    # (shaping.advantage_bound; only reachable with p_hat_source=estimator or custom shaping params): the update
+    # is skipped
     max_advantage_ratio: float = 2.0
-    # A learner gradient norm (before clipping) above this stops the run, naming the prompts with the largest
-    # |advantage|. Healthy runs of the default config stay around 1-10 (the GRPO blow-up of issue 11 reached 2.6e5).
+    # a learner gradient norm (before clipping) above this: the step was applied, clipped to learner.grad_clip.
+    # Healthy runs of the default config stay around 1-10 (the GRPO blow-up of issue 11 reached 2.6e5). A
+    # non-finite loss or gradient: DeepSpeed skips the step.
     max_grad_norm: float = 1.0e3
-    # A non-finite loss or gradient makes DeepSpeed skip the optimizer step; this many such steps in a row stop
-    # the run.
-    max_skipped_steps: int = 3
 
 
 @dataclasses.dataclass
@@ -449,7 +450,7 @@ def _positive(cfg: Config) -> None:
         "run.keep_checkpoints": cfg.run.keep_checkpoints >= 1,
         "guard.max_advantage_ratio": cfg.guard.max_advantage_ratio >= 1,
         "guard.max_grad_norm": cfg.guard.max_grad_norm > 0,
-        "guard.max_skipped_steps": cfg.guard.max_skipped_steps >= 1,
+        "guard.max_bad_steps": cfg.guard.max_bad_steps >= 1,
     }
     for key, ok in checks.items():
         if not ok:

@@ -337,7 +337,7 @@ class Trainer:
         with timer.phase("shape"):
             k_arg, params, p_hat = self.shaping_args(decision)
             advantages = shaping.shape_masked(cfg.algorithm.shaping, rewards, keep, k=k_arg, p_hat=p_hat, **params)
-            self.check_advantages(step, prompts, rewards, advantages, k_arg, params)
+            bad_advantages = self.check_advantages(step, prompts, rewards, advantages, k_arg, params)
         if step < cfg.run.steps:
             self.rollout.prefetch(step + 1)  # max_staleness 1: the next batch is sampled while the learner trains
         with timer.phase("update"):
@@ -346,9 +346,13 @@ class Trainer:
                  "behaviour_logprobs": s.logprobs, "advantage": float(advantages[i, j])}
                 for i, group in enumerate(samples) for j, s in enumerate(group)
             ]
-            train_metrics = self.learner.train_step(batch, step=step)
+            if bad_advantages:
+                train_metrics: Dict[str, Any] = {"skipped": "advantages"}
+                update_skipped = True
+            else:
+                train_metrics = self.learner.train_step(batch, step=step)
+                update_skipped = self.check_update(step, prompts, advantages, train_metrics)
             self._updated = True
-            update_skipped = self.check_update(step, prompts, advantages, train_metrics)
         with timer.phase("sync"):
             self.rollout.wait_idle()  # an engine never swaps weights in the middle of a batch
             self.weight_sync.sync(step)
@@ -419,23 +423,35 @@ class Trainer:
             p_hat = torch.tensor(decision.p_hat, dtype=torch.float64)
         return k, params, p_hat
 
+    def bad_step(self, step: int, what: str, *, skipped: bool) -> None:
+        """Count a step whose numbers went wrong (logged with the prompts by the caller); ``guard.max_bad_steps``
+        of them in a row stop the run with that message."""
+        self.skipped_in_a_row += 1
+        self.skipped_total += int(skipped)
+        self.log(f"step {step}: {what} ({self.skipped_in_a_row} bad step(s) in a row)")
+        if self.skipped_in_a_row >= self.cfg.guard.max_bad_steps:
+            raise TrainingAborted(f"step {step}: {self.skipped_in_a_row} bad steps in a row "
+                                  f"(guard.max_bad_steps={self.cfg.guard.max_bad_steps}); the last: {what}")
+
     def check_advantages(self, step: int, prompts: List[Prompt], rewards: np.ndarray, advantages: np.ndarray,
-                         k: int, params: Dict[str, Any]) -> None:
-        """Stop before the update when an advantage is non-finite or beyond ``guard.max_advantage_ratio`` × the
-        largest the shaping's group form can give at this n: training on it would let a few samples set the
+                         k: int, params: Dict[str, Any]) -> bool:
+        """True (the update is skipped) when an advantage is non-finite or beyond ``guard.max_advantage_ratio`` ×
+        the largest the shaping's group form can give at this n: training on it would let a few samples set the
         direction of the whole step (gradient clipping only rescales it)."""
         bad = shaping.scale_violations(self.cfg.algorithm.shaping, rewards, advantages, k=k,
                                        ratio=self.cfg.guard.max_advantage_ratio, **params)
-        if bad.size:
-            bound = shaping.advantage_bound(self.cfg.algorithm.shaping, rewards.shape[1], k=k, **params) \
-                if np.all((rewards == 0) | (rewards == 1)) else float("nan")
-            worst = [f"{prompts[i].id} (max |A| {np.abs(advantages[i]).max():.4g}, {int(rewards[i].sum())}/"
-                     f"{rewards.shape[1]} correct)" for i in bad[:5]]
-            raise TrainingAborted(
-                f"step {step}: advantages of {bad.size} prompt(s) are non-finite or exceed "
-                f"guard.max_advantage_ratio={self.cfg.guard.max_advantage_ratio} × the largest the group form of "
-                f"{self.cfg.algorithm.shaping!r} gives at n={rewards.shape[1]} ({bound:.4g}): {', '.join(worst)}. "
-                f"Check algorithm.p_hat_source / algorithm.shaping_params.")
+        if not bad.size:
+            return False
+        bound = shaping.advantage_bound(self.cfg.algorithm.shaping, rewards.shape[1], k=k, **params) \
+            if np.all((rewards == 0) | (rewards == 1)) else float("nan")
+        worst = [f"{prompts[i].id} (max |A| {np.abs(advantages[i]).max():.4g}, {int(rewards[i].sum())}/"
+                 f"{rewards.shape[1]} correct)" for i in bad[:5]]
+        self.bad_step(step, f"advantages of {bad.size} prompt(s) are non-finite or exceed "
+                            f"guard.max_advantage_ratio={self.cfg.guard.max_advantage_ratio} × the largest the group "
+                            f"form of {self.cfg.algorithm.shaping!r} gives at n={rewards.shape[1]} ({bound:.4g}): "
+                            f"{', '.join(worst)}; the update was skipped. Check algorithm.p_hat_source / "
+                            f"algorithm.shaping_params", skipped=True)
+        return True
 
     def check_verifier_health(self, step: int, counts: Dict[str, int]) -> None:
         """Stop when more than ``verifier.max_unverified_frac`` of the last ``verifier.health_window`` steps' samples
@@ -456,26 +472,23 @@ class Trainer:
 
     def check_update(self, step: int, prompts: List[Prompt], advantages: np.ndarray,
                      metrics: Dict[str, Any]) -> bool:
-        """True when the learner skipped this update (non-finite loss or gradient: DeepSpeed drops the step); stops
-        the run after ``guard.max_skipped_steps`` such steps in a row, or at once on a gradient norm above
-        ``guard.max_grad_norm``, naming the prompts with the largest |advantage|."""
+        """True when the learner skipped this update (non-finite loss or gradient: DeepSpeed drops the step). A
+        gradient norm above ``guard.max_grad_norm`` (the step was applied, clipped to learner.grad_clip) is a bad
+        step too; both are logged with the prompts of the largest |advantage|."""
         g = self.cfg.guard
         gn, loss = float(metrics.get("grad_norm", float("nan"))), float(metrics.get("loss", float("nan")))
         top = np.argsort(-np.abs(advantages).max(axis=1))[:5]
         culprits = ", ".join(f"{prompts[i].id} (max |A| {np.abs(advantages[i]).max():.4g})" for i in top)
         if not (np.isfinite(gn) and np.isfinite(loss)):
-            self.skipped_in_a_row += 1
-            self.skipped_total += 1
-            self.log(f"step {step}: loss {loss} / gradient norm {gn} not finite; the update was skipped "
-                     f"({self.skipped_in_a_row} in a row). Largest advantages: {culprits}")
-            if self.skipped_in_a_row >= g.max_skipped_steps:
-                raise TrainingAborted(f"step {step}: {self.skipped_in_a_row} updates in a row skipped for a "
-                                      f"non-finite loss or gradient (guard.max_skipped_steps={g.max_skipped_steps})")
+            self.bad_step(step, f"loss {loss} / gradient norm {gn} not finite, the update was skipped; largest "
+                                f"advantages: {culprits}", skipped=True)
             return True
-        self.skipped_in_a_row = 0
         if gn > g.max_grad_norm:
-            raise TrainingAborted(f"step {step}: gradient norm {gn:.4g} > guard.max_grad_norm={g.max_grad_norm:g} "
-                                  f"(before clipping); largest advantages: {culprits}")
+            self.bad_step(step, f"gradient norm {gn:.4g} > guard.max_grad_norm={g.max_grad_norm:g} (before "
+                                f"clipping to {self.cfg.learner.grad_clip:g}); largest advantages: {culprits}",
+                          skipped=False)
+            return False
+        self.skipped_in_a_row = 0
         return False
 
     def sync_probe(self, sample: Dict[str, Any]) -> float:

@@ -40,23 +40,24 @@ def test_grpo_with_the_central_p_hat_near_zero_passes_the_guard_since_the_clip()
     r = _rewards()
     p_hat = torch.full((r.shape[0],), 1e-5, dtype=torch.float64)
     adv = shaping.shape("grpo", torch.tensor(r), p_hat=p_hat).numpy()
-    t.check_advantages(1, _prompts(r.shape[0]), r, adv, 1, {})  # no exception
+    assert t.check_advantages(1, _prompts(r.shape[0]), r, adv, 1, {}) is False
     raw = shaping.shape("grpo", torch.tensor(r), p_hat=p_hat, p_clip=0).numpy()  # the pre-fix computation
-    with pytest.raises(TrainingAborted, match=r"guard.max_advantage_ratio.*p0 \(max \|A\| 29[0-9.]+, 1/16 correct\)"):
-        t.check_advantages(7, _prompts(r.shape[0]), r, raw, 1, {})
+    assert t.check_advantages(7, _prompts(r.shape[0]), r, raw, 1, {}) is True  # the update is skipped
+    assert (t.skipped_in_a_row, t.skipped_total) == (1, 1)
 
 
-def test_non_finite_advantages_stop_the_run_naming_the_prompt():
-    t = _trainer()
+def test_bad_advantages_stop_the_run_after_the_limit_naming_the_prompts():
+    t = _trainer("guard.max_bad_steps=2")
     r = _rewards()
     adv = shaping.shape("pkpo_loo_minus_one", torch.tensor(r), k=8).numpy()
     adv[3, 2] = np.nan
-    with pytest.raises(TrainingAborted, match="p3"):
-        t.check_advantages(2, _prompts(r.shape[0]), r, adv, 8, {})
+    assert t.check_advantages(2, _prompts(r.shape[0]), r, adv, 8, {}) is True
+    with pytest.raises(TrainingAborted, match=r"2 bad steps in a row.*guard.max_advantage_ratio.*p3"):
+        t.check_advantages(3, _prompts(r.shape[0]), r, adv, 8, {})
 
 
 def test_skipped_updates_are_counted_and_stop_the_run_after_the_limit():
-    t = _trainer("guard.max_skipped_steps=2")
+    t = _trainer("guard.max_bad_steps=2")
     adv = np.zeros((3, 4))
     adv[1, 0] = 5.0
     ok = {"grad_norm": 2.0, "loss": 0.1}
@@ -65,21 +66,23 @@ def test_skipped_updates_are_counted_and_stop_the_run_after_the_limit():
     assert t.check_update(2, _prompts(3), adv, ok) is False  # a good step resets the streak, not the total
     assert t.skipped_in_a_row == 0 and t.skipped_total == 1
     assert t.check_update(3, _prompts(3), adv, {"grad_norm": 1.0, "loss": float("nan")}) is True
-    with pytest.raises(TrainingAborted, match="2 updates in a row"):
+    with pytest.raises(TrainingAborted, match="2 bad steps in a row.*not finite"):
         t.check_update(4, _prompts(3), adv, {"grad_norm": float("nan"), "loss": 0.0})
 
 
-def test_an_exploding_gradient_norm_stops_the_run_naming_the_largest_advantages():
-    t = _trainer("guard.max_grad_norm=100")
+def test_an_exploding_gradient_norm_is_a_bad_step_naming_the_largest_advantages():
+    t = _trainer("guard.max_grad_norm=100", "guard.max_bad_steps=2")
     adv = np.zeros((3, 4))
     adv[2, 1] = -40.0
     assert t.check_update(1, _prompts(3), adv, {"grad_norm": 99.0, "loss": 0.0}) is False
+    assert t.check_update(2, _prompts(3), adv, {"grad_norm": 2.6e5, "loss": 0.0}) is False  # applied, clipped
+    assert t.skipped_in_a_row == 1 and t.skipped_total == 0
     with pytest.raises(TrainingAborted, match=r"gradient norm 2\.6.*> guard.max_grad_norm=100.*p2 \(max \|A\| 40\)"):
-        t.check_update(2, _prompts(3), adv, {"grad_norm": 2.6e5, "loss": 0.0})
+        t.check_update(3, _prompts(3), adv, {"grad_norm": 2.6e5, "loss": 0.0})
 
 
 def test_guard_keys_are_checked_and_analytic_with_the_estimator_is_a_config_error():
-    for bad in ("guard.max_advantage_ratio=0.5", "guard.max_grad_norm=0", "guard.max_skipped_steps=0"):
+    for bad in ("guard.max_advantage_ratio=0.5", "guard.max_grad_norm=0", "guard.max_bad_steps=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(CFG, [bad])
     with pytest.raises(ConfigError, match="p_hat_source.*passk_analytic"):
