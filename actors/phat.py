@@ -58,8 +58,9 @@ class PHatService:
         info = shaping_mod.info(shaping)
         self.uses_weights = info.uses_k_weights
         self.k_range = k_range(shaping, self.n)
-        if self.uses_weights != (schedule == "multi_k"):
-            # multi_k without weights silently becomes RLOO; weights for any other shaping are silently dropped
+        if info.uses_k and self.uses_weights != (schedule == "multi_k"):
+            # multi_k without weights silently becomes RLOO; weights for another K-shaping would be silently
+            # dropped. A K-free shaping gets k None from every schedule.
             raise ValueError(f"shaping {shaping!r} {'needs' if self.uses_weights else 'cannot take'} the K weights "
                              f"of schedule 'multi_k' (schedule is {schedule!r})")
         self.stats = stats_mod.make_stats(estimator, **(estimator_params or {}))

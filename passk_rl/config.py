@@ -505,8 +505,10 @@ def validate(cfg: Config) -> None:
             f"schedule.params: the schedule can ask for K={k_max} but generator.n={cfg.generator.n}; "
             f"K must not exceed the samples per prompt"
         )
-    if shaping.info(cfg.algorithm.shaping).uses_k_weights != (cfg.schedule.kind == "multi_k"):
-        # multi_k with a single-K schedule silently became RLOO ({1: 1}); K weights for another shaping were dropped
+    info = shaping.info(cfg.algorithm.shaping)
+    if info.uses_k and info.uses_k_weights != (cfg.schedule.kind == "multi_k"):
+        # multi_k with a single-K schedule silently became RLOO ({1: 1}); K weights for another K-shaping were
+        # dropped. A K-free shaping (grpo, rloo, dr_grpo) ignores every schedule alike, so any kind goes with it.
         raise ConfigError(
             f"algorithm.shaping={cfg.algorithm.shaping!r} and schedule.kind={cfg.schedule.kind!r} do not go together: "
             f"the shaping 'multi_k' takes its Ks from the K weights of schedule 'multi_k', and only it does"

@@ -96,6 +96,9 @@ def test_multi_k_pairing_is_a_config_error_naming_both_keys():
         load_config(CFG, ["algorithm.shaping=multi_k", "schedule.kind=fixed", "schedule.params={k: 4}"])
     with pytest.raises(ConfigError, match=r"algorithm.shaping='pkpo_loo_minus_one' and schedule.kind='multi_k'"):
         load_config(CFG, ["schedule.kind=multi_k", "schedule.params={weights: {1: 1, 8: 1}}"])
+    for free in ("grpo", "rloo", "dr_grpo"):  # K-free: any schedule, K none
+        assert load_config(CFG, [f"algorithm.shaping={free}", "schedule.kind=multi_k",
+                                 "schedule.params={weights: {1: 1, 8: 1}}"]).algorithm.shaping == free
     cfg = load_config(CFG, ["algorithm.shaping=multi_k", "schedule.kind=multi_k",
                             "schedule.params={weights: {1: 1, 8: 1}}"])
     assert cfg.schedule.kind == "multi_k"

@@ -90,7 +90,8 @@ def test_job_submit_run_with_every_actor_and_failing_verifiers(ray_cluster, tmp_
     proc = _submit(ray_cluster, [
         "run.name=e2e", "run.steps=2", f"run.output_dir={runs}", "run.checkpoint_interval=1",
         "data.prompts_per_step=8", "generator.n=8", "task.name=faulty", f"task.params={faults}",
-        "verifier.timeout_s=2", "verifier.num_workers=2", "schedule.params={k_min: 2, k_max: 6, p_target: 0.4}",
+        "verifier.timeout_s=2", "verifier.num_workers=2", "algorithm.shaping=pkpo_loo_minus_one",
+        "schedule.kind=linear", "schedule.params={k_min: 2, k_max: 6, p_target: 0.4}",
         "eval.n=8", "eval.ks=[1,4]", "eval.num_prompts=16", "logging.pass_at_ks=[1,4,8]",
     ])
     out = proc.stdout + proc.stderr
@@ -196,7 +197,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     """Two steps with a checkpoint after each, then `run.resume=true run.steps=3`: only step 3 runs, on the restored
     learner, p̂ actor and data order."""
     common = ["run.name=res", f"run.output_dir={tmp_path}", "run.checkpoint_interval=1", "data.prompts_per_step=8",
-              "generator.n=8", "schedule.params={k_min: 2, k_max: 6, p_target: 0.4}", "eval.enabled=false",
+              "generator.n=8", "algorithm.shaping=pkpo_loo_minus_one", "schedule.kind=linear",
+              "schedule.params={k_min: 2, k_max: 6, p_target: 0.4}", "eval.enabled=false",
               "logging.ray_metrics=false"]
     env = dict(os.environ, RAY_ADDRESS="")
     for extra in (["run.steps=2"], ["run.steps=3", "run.resume=true"]):

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.prompts_per_step=8", "generator.n=8", "eval.enabled=false", "logging.ray_metrics=false",
-         "schedule.kind=fixed", "schedule.params={k: 4}"]
+         "algorithm.shaping=pkpo_loo_minus_one", "schedule.kind=fixed", "schedule.params={k: 4}"]
 
 
 def _launch(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:

@@ -33,7 +33,8 @@ def test_engines_and_learner_on_different_nodes_without_a_shared_directory(clust
               "cluster.learner_resources={learn_node: 0.01}", "sync.transport=collective",
               f"run.output_dir={tmp_path}", "run.name=mn", f"run.checkpoint_dir={tmp_path / 'ckpt'}",
               "data.prompts_per_step=8", "generator.n=8", "eval.enabled=false", "logging.ray_metrics=false",
-              "schedule.kind=fixed", "schedule.params={k: 4}", "sync.root=/dev/shm/passk_rl_mn_test"]
+              "algorithm.shaping=pkpo_loo_minus_one", "schedule.kind=fixed", "schedule.params={k: 4}",
+              "sync.root=/dev/shm/passk_rl_mn_test"]
     env = dict(os.environ, RAY_ADDRESS="")
     for extra in (["run.steps=2"], ["run.steps=3", "run.resume=true"]):
         r = subprocess.run([sys.executable, "-m", "passk_rl.launch", "--config", "configs/tiny_cpu.yaml", *common,

@@ -121,3 +121,9 @@ def test_multi_k_shaping_and_schedule_must_come_together():
                       shaping="multi_k")
     d = svc.observe(["a"], np.zeros((1, 16)), step=1)
     assert d.k == 8 and d.k_weights == {1: 0.5, 8: 0.5}
+    # a K-free shaping ignores any schedule, the multi-K one included (`run.sh algorithm.shaping=grpo` on a multi-K
+    # default)
+    free = PHatService(estimator="ema", schedule="multi_k", schedule_params={"weights": {1: 0.5, 8: 0.5}}, n=16,
+                       shaping="grpo")
+    d = free.observe(["a"], np.zeros((1, 16)), step=1)
+    assert d.k is None and d.k_weights is None

@@ -21,7 +21,8 @@ def test_staleness_one_overlaps_and_records_what_it_corrected(tmp_path):
     r = subprocess.run([sys.executable, "-m", "passk_rl.launch", "--config", "configs/tiny_cpu.yaml", "run.name=async",
                         f"run.output_dir={tmp_path}", "run.steps=4", "data.prompts_per_step=16", "generator.n=8",
                         "eval.enabled=false", "logging.ray_metrics=false", "algorithm.max_staleness=1",
-                        "learner.off_policy=tis", "schedule.kind=fixed", "schedule.params={k: 4}"],
+                        "learner.off_policy=tis", "algorithm.shaping=pkpo_loo_minus_one", "schedule.kind=fixed",
+                        "schedule.params={k: 4}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     rows = [json.loads(x) for x in (tmp_path / "async" / "metrics.jsonl").read_text().splitlines()]
