@@ -3,14 +3,14 @@
 The plan splits ``cluster.num_devices`` between generator engines (each ``tensor_parallel_size`` devices) and
 learner ranks (one device each) and estimates, per device:
 
-- learner (mixed precision Adam, ZeRO-k over W ranks; P parameters):
-  weights 2P (bf16) — sharded only at ZeRO-3; gradients 2P — sharded at ZeRO ≥ 2; optimizer states 12P
-  (fp32 master 4P + Adam m 4P + v 4P) — sharded at ZeRO ≥ 1; a frozen reference model 2P (sharded at ZeRO-3)
+- learner (Adam, ZeRO-k over W ranks; P parameters; b = 2 bytes in bf16/fp16, 4 in float32 = ``model.dtype``):
+  weights bP — sharded only at ZeRO-3; gradients bP — sharded at ZeRO ≥ 2; optimizer states 12P in mixed
+  precision (fp32 master 4P + Adam m 4P + v 4P), 8P in fp32 (m + v) — sharded at ZeRO ≥ 1; a frozen reference model 2P (sharded at ZeRO-3)
   when the KL term is on; activations ≈ micro_batch · seq · hidden · layers · c bytes, with c = 34 without and
   c = 2 with gradient checkpointing (Korthikanti et al. 2022's per-layer estimate, no sequence parallelism),
   plus the logits micro_batch · seq · vocab · 4 bytes (fp32 log-softmax).
-- generator engine (per device of a TP group): weights 2P/TP; KV cache the rest of
-  ``gpu_memory_utilization`` · memory; KV bytes per token = 2 · layers · kv_heads · head_dim · 2 / TP.
+- generator engine (per device of a TP group): weights bP/TP; KV cache the rest of
+  ``gpu_memory_utilization`` · memory; KV bytes per token = 2 · layers · kv_heads · head_dim · b / TP.
   The plan checks that the engine's share of one step's sequences fits its KV cache at least once.
 
 A plan whose learner device or generator weights do not fit the per-device memory is rejected with the numbers.
@@ -111,6 +111,9 @@ def model_spec(cfg: Config) -> ModelSpec:
     )
 
 
+_SHORT = {"bfloat16": "bf16", "float16": "fp16"}
+
+
 def make_plan(cfg: Config, spec: Optional[ModelSpec] = None) -> Plan:
     dev = device_spec(cfg.cluster.device)
     spec = spec or model_spec(cfg)
@@ -127,23 +130,25 @@ def make_plan(cfg: Config, spec: Optional[ModelSpec] = None) -> Plan:
     seq = cfg.model.max_model_len
     mbs = cfg.learner.micro_batch_size
     act_c = 2 if cfg.learner.gradient_checkpointing else 34
+    # fp32 training keeps no separate master copy: Adam's m and v are the optimizer state (8P); bf16/fp16 add it (12P)
+    dt, b = ("fp32", 4) if cfg.model.dtype == "float32" else (_SHORT.get(cfg.model.dtype, cfg.model.dtype), 2)
     learner_items = {
-        "weights (bf16)": 2 * P / (W if Z >= 3 else 1) / GIB,
-        "gradients (bf16)": 2 * P / (W if Z >= 2 else 1) / GIB,
-        "optimizer (fp32 master+Adam)": 12 * P / W / GIB,
+        f"weights ({dt})": b * P / (W if Z >= 3 else 1) / GIB,
+        f"gradients ({dt})": b * P / (W if Z >= 2 else 1) / GIB,
+        ("optimizer (Adam m+v)" if b == 4 else "optimizer (fp32 master+Adam)"): (8 if b == 4 else 12) * P / W / GIB,
         "activations": mbs * seq * spec.hidden_size * spec.num_layers * act_c / GIB,
         "logits (fp32)": mbs * seq * spec.vocab_size * 4 / GIB,
     }
     if cfg.learner.kl_coef > 0:
-        learner_items["reference model (bf16)"] = 2 * P / (W if Z >= 3 else 1) / GIB
-    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 / tp
-    gen_weights = 2 * P / tp / GIB
+        learner_items[f"reference model ({dt})"] = b * P / (W if Z >= 3 else 1) / GIB
+    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * b / tp
+    gen_weights = b * P / tp / GIB
     if accel:
         kv_budget = max(0.0, cfg.generator.gpu_memory_utilization * mem - gen_weights)
     else:
         kv_budget = cfg.generator.kv_cache_gib
     step_tokens = cfg.data.prompts_per_step * cfg.generator.n * seq / cfg.generator.num_engines
-    gen_items = {"weights (bf16)": gen_weights, "KV cache": kv_budget}
+    gen_items = {f"weights ({dt})": gen_weights, "KV cache": kv_budget}
     per = [DevicePlan("learner rank", W, learner_items), DevicePlan(f"generator (TP={tp})", gen_devices, gen_items)]
 
     kv_tokens = kv_budget * GIB / kv_per_token if kv_per_token else 0
