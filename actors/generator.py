@@ -498,6 +498,16 @@ class GeneratorPool:
                 out[i] = g
         return out  # type: ignore[return-value]
 
+    def score_every_engine(self, prompt_token_ids: Sequence[Sequence[int]],
+                           completion_token_ids: Sequence[Sequence[int]]) -> List[List[List[float]]]:
+        """``score`` on every engine at once (the post-sync probe: each engine must hold the learner's weights);
+        element i is engine i's answer."""
+        if len(prompt_token_ids) != len(completion_token_ids):
+            raise ValueError(f"score: {len(prompt_token_ids)} prompts but {len(completion_token_ids)} completions")
+        p, c = list(prompt_token_ids), list(completion_token_ids)
+        got = self._gather({e: (lambda actor: actor.score.remote(p, c)) for e in range(self.num_engines)})
+        return [got[e] for e in range(self.num_engines)]
+
     def score(self, prompt_token_ids: Sequence[Sequence[int]], completion_token_ids: Sequence[Sequence[int]], *,
               engine: Optional[int] = None) -> List[List[float]]:
         """Completion-token logprobs (see ``VLLMGenerator.score``); ``engine=i`` asks that engine only."""

@@ -492,10 +492,12 @@ class Trainer:
         return False
 
     def sync_probe(self, sample: Dict[str, Any]) -> float:
-        """Largest |generator − learner| logprob on one fixed completion, right after the sync."""
-        gen_lp = self.gen.score([sample["prompt_token_ids"]], [sample["response_token_ids"]])[0]
-        learn_lp = self.learner.compute_logprobs([sample], temperature=1.0)[0]  # vLLM's prompt logprobs are at T=1
-        return float(np.max(np.abs(np.asarray(gen_lp) - np.asarray(learn_lp)))) if len(gen_lp) else 0.0
+        """Largest |generator − learner| logprob on one fixed completion, right after the sync, over every engine."""
+        per_engine = self.gen.score_every_engine([sample["prompt_token_ids"]], [sample["response_token_ids"]])
+        learn_lp = np.asarray(self.learner.compute_logprobs([sample], temperature=1.0)[0])  # vLLM scores at T=1
+        if not len(learn_lp):
+            return 0.0
+        return float(max(np.max(np.abs(np.asarray(lp[0]) - learn_lp)) for lp in per_engine))
 
     # ------------------------------------------------------------------------------------------- eval
     def evaluate(self, *, step: int) -> Dict[str, Any]:

@@ -411,6 +411,10 @@ def test_engines_follow_zero_learner_through_the_collective_transport(stage, clu
                                                 engine=e)[0])
                 err = (after - want).abs().max().item()
                 assert err < 1e-4, f"ZeRO-{stage} step {step}: engine {e} differs from the learner by {err:.3g}"
+            # the trainer's post-sync probe asks every engine at once
+            every = pool.score_every_engine([probe["prompt_token_ids"]], [probe["response_token_ids"]])
+            assert len(every) == pool.num_engines == 2
+            assert max((torch.tensor(lp[0]) - want).abs().max().item() for lp in every) < 1e-4
         assert [i["weights_step"] for i in pool.info()] == [2, 2]
     finally:
         sync.close()
