@@ -75,7 +75,7 @@ class PHatService:
             raise ValueError(f"rewards must be (G, n) with G={len(prompt_ids)} prompts; got shape {tuple(r.shape)}")
         mask = None
         if verified is not None:
-            mask = torch.as_tensor(np.asarray(verified, dtype=bool))
+            mask = torch.from_numpy(np.array(verified, dtype=bool))  # a copy: Ray hands over read-only arrays
             if tuple(mask.shape) != tuple(r.shape):
                 raise ValueError(f"verified mask shape {tuple(mask.shape)} != rewards shape {tuple(r.shape)}")
         p_hat = [float(x) for x in torch.as_tensor(self.stats.value(list(prompt_ids))).reshape(-1)]
