@@ -23,11 +23,14 @@ except ConfigError as e:
 PY
 ) || exit 2
 # Free ports picked now, so a cluster someone else runs on this machine is never touched.
-read -r GCS_PORT DASH_PORT < <(python - <<'PY'
+# Ray's defaults for the dashboard agent (52365, which serves job submission) and the client server (10001) are
+# fixed: with another Ray cluster on the machine (a run of the trainer, a test) the agent cannot bind and every
+# `ray job submit` answers "No available agent", so they are picked free as well.
+read -r GCS_PORT DASH_PORT AGENT_PORT CLIENT_PORT < <(python - <<'PY'
 import socket
 ports = []
 socks = []
-for _ in range(2):
+for _ in range(4):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); socks.append(s)
 print(*ports)
 PY
@@ -40,7 +43,8 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(python -c 'import secrets; print(se
 echo "[run] starting a local Ray cluster (dashboard http://127.0.0.1:$DASH_PORT)"
 # --block keeps the head in one process group that we own: killing it stops exactly this cluster.
 setsid ray start --head --block --port "$GCS_PORT" --include-dashboard true --dashboard-host 127.0.0.1 \
-  --dashboard-port "$DASH_PORT" --num-cpus "${PASSK_RL_NUM_CPUS:-4}" --temp-dir "$TMP" --disable-usage-stats \
+  --dashboard-port "$DASH_PORT" --dashboard-agent-listen-port "$AGENT_PORT" --ray-client-server-port "$CLIENT_PORT" \
+  --num-cpus "${PASSK_RL_NUM_CPUS:-4}" --temp-dir "$TMP" --disable-usage-stats \
   > "$TMP/ray_head.log" 2>&1 &
 HEAD_PID=$!
 cleanup() {

@@ -32,7 +32,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A private Ray head with its dashboard (the job server), stopped by killing its own process group."""
-    gcs, dash = _free_port(), _free_port()
+    # every port free-picked: Ray's fixed defaults (dashboard agent 52365, client server 10001) collide with any
+    # other Ray cluster on the machine, and the job agent then never comes up
+    gcs, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
     tmp = tempfile.mkdtemp(prefix="/tmp/pkr")  # short: Ray's socket paths live under it
     # The job's `python` is looked up on the head's PATH: make it this interpreter.
     # Its own auth token: Ray 2.60 enables token auth when ~/.ray/auth_token exists, and the job CLI needs it.
@@ -40,7 +42,8 @@ def ray_cluster():
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--include-dashboard", "true",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4", "--temp-dir", tmp],
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
+         "--ray-client-server-port", str(client), "--num-cpus", "4", "--temp-dir", tmp],
         stdout=open(Path(tmp) / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     address = f"http://127.0.0.1:{dash}"
     try:
