@@ -115,84 +115,77 @@ def _sync(tr, engines, sd, step, expected=None):
     return handle, reports
 
 
-def test_stream_reaches_every_receiver_bit_exact_on_consecutive_syncs():
+@pytest.fixture
+def pair():
+    """A served collective transport and two in-process receivers, closed afterwards."""
     tr = _transport(run_name="t")
     tr.serve(receivers=2)
     engines = [FakeEngine(), FakeEngine()]
     try:
-        for step in (1, 2):
-            sd = _sd(step)
-            handle, reports = _sync(tr, engines, sd, step)
-            for e, r in zip(engines, reports):
-                assert r["ok"] and r["weights"] == "new" and r["step"] == step, r
-                assert list(e.weights) == list(sd)
-                for k in sd:
-                    assert e.weights[k].dtype == sd[k].dtype and torch.equal(e.weights[k], sd[k]), k
-                assert r["checksum"] == handle.checksum == stream_checksum(sd.items())
-            assert handle.step == step and handle.nbytes == reports[0]["bytes"] > 0
-            assert handle.tensors["norm.weight"] == ((16,), "BF16")
-        assert engines[0].receiver.group_id == engines[1].receiver.group_id == tr.rendezvous["group"]  # one group
-    finally:
-        tr.close()
-        for e in engines:
-            e.receiver.close()
-
-
-def test_mismatched_weights_are_refused_without_stranding_anyone():
-    tr = _transport(run_name="t")
-    tr.serve(receivers=2)
-    engines = [FakeEngine(), FakeEngine()]
-    sd = _sd(1)
-    expected = {k: tuple(v.shape) for k, v in sd.items()}
-    wrong = {**expected, "q.weight": (16, 8), "missing.weight": (2,)}
-    del wrong["head.weight"]
-    try:
-        with ThreadPoolExecutor(2) as ex:
-            futs = [ex.submit(engines[0].sync, tr.rendezvous, wrong), ex.submit(engines[1].sync, tr.rendezvous,
-                                                                                 expected)]
-            handle = tr.publish(sd, step=1)  # completes: the refusing engine still took part in every broadcast
-            bad, good = (f.result(timeout=3 * TIMEOUT_S) for f in futs)
-        assert not bad["ok"] and bad["reason"] == "mismatch" and bad["weights"] == "unchanged"
-        for name in ("q.weight [8, 16] (expected [16, 8])", "missing.weight", "head.weight"):
-            assert name in bad["error"]
-        assert engines[0].weights == {}
-        assert good["ok"] and good["checksum"] == handle.checksum
-        # the group is intact: the next sync reaches both
-        _, reports = _sync(tr, engines, _sd(2), 2, expected)
-        assert all(r["ok"] for r in reports)
-    finally:
-        tr.close()
-        for e in engines:
-            e.receiver.close()
-
-
-def test_a_sender_that_dies_mid_stream_fails_receivers_fast_and_the_group_is_reformed():
-    tr = _transport(run_name="t")
-    tr.serve(receivers=2)
-    engines = [FakeEngine(), FakeEngine()]
-    sd = _sd(1)
-    try:
-        with ThreadPoolExecutor(2) as ex:
-            futs = [ex.submit(e.sync, tr.rendezvous) for e in engines]
-            sender = tr.open_sender("cpu")
-            stream = sender.stream(1, [(k, tuple(v.shape), v.dtype) for k, v in sd.items()], bucket_bytes=1024)
-            stream.send(stream.plan[0], [sd[list(sd)[i]] for i, _, _ in stream.plan[0].items])
-            t0 = time.perf_counter()
-            sender.close()  # the learner goes away after one bucket
-            reports = [f.result(timeout=3 * TIMEOUT_S) for f in futs]
-        assert time.perf_counter() - t0 < TIMEOUT_S / 2, "receivers waited for the timeout instead of failing fast"
-        for r in reports:
-            assert not r["ok"] and r["weights"] == "partial" and r["reason"] == "stream", r
-            assert "broke after 1 of" in r["error"]
-        tr.reset()
-        tr.serve(receivers=2)
-        handle, reports = _sync(tr, engines, sd, 2)
-        assert all(r["ok"] and r["checksum"] == handle.checksum for r in reports)
+        yield tr, engines
     finally:
         tr.close()
         for e in engines:
             if e.receiver is not None:
                 e.receiver.close()
+
+
+def test_stream_reaches_every_receiver_bit_exact_on_consecutive_syncs(pair):
+    tr, engines = pair
+    for step in (1, 2):
+        sd = _sd(step)
+        handle, reports = _sync(tr, engines, sd, step)
+        for e, r in zip(engines, reports):
+            assert r["ok"] and r["weights"] == "new" and r["step"] == step, r
+            assert list(e.weights) == list(sd)
+            for k in sd:
+                assert e.weights[k].dtype == sd[k].dtype and torch.equal(e.weights[k], sd[k]), k
+            assert r["checksum"] == handle.checksum == stream_checksum(sd.items())
+        assert handle.step == step and handle.nbytes == reports[0]["bytes"] > 0
+        assert handle.tensors["norm.weight"] == ((16,), "BF16")
+    assert engines[0].receiver.group_id == engines[1].receiver.group_id == tr.rendezvous["group"]  # one group
+
+
+def test_mismatched_weights_are_refused_without_stranding_anyone(pair):
+    tr, engines = pair
+    sd = _sd(1)
+    expected = {k: tuple(v.shape) for k, v in sd.items()}
+    wrong = {**expected, "q.weight": (16, 8), "missing.weight": (2,)}
+    del wrong["head.weight"]
+    with ThreadPoolExecutor(2) as ex:
+        futs = [ex.submit(engines[0].sync, tr.rendezvous, wrong), ex.submit(engines[1].sync, tr.rendezvous,
+                                                                             expected)]
+        handle = tr.publish(sd, step=1)  # completes: the refusing engine still took part in every broadcast
+        bad, good = (f.result(timeout=3 * TIMEOUT_S) for f in futs)
+    assert not bad["ok"] and bad["reason"] == "mismatch" and bad["weights"] == "unchanged"
+    for name in ("q.weight [8, 16] (expected [16, 8])", "missing.weight", "head.weight"):
+        assert name in bad["error"]
+    assert engines[0].weights == {}
+    assert good["ok"] and good["checksum"] == handle.checksum
+    # the group is intact: the next sync reaches both
+    _, reports = _sync(tr, engines, _sd(2), 2, expected)
+    assert all(r["ok"] for r in reports)
+
+
+def test_a_sender_that_dies_mid_stream_fails_receivers_fast_and_the_group_is_reformed(pair):
+    tr, engines = pair
+    sd = _sd(1)
+    with ThreadPoolExecutor(2) as ex:
+        futs = [ex.submit(e.sync, tr.rendezvous) for e in engines]
+        sender = tr.open_sender("cpu")
+        stream = sender.stream(1, [(k, tuple(v.shape), v.dtype) for k, v in sd.items()], bucket_bytes=1024)
+        stream.send(stream.plan[0], [sd[list(sd)[i]] for i, _, _ in stream.plan[0].items])
+        t0 = time.perf_counter()
+        sender.close()  # the learner goes away after one bucket
+        reports = [f.result(timeout=3 * TIMEOUT_S) for f in futs]
+    assert time.perf_counter() - t0 < TIMEOUT_S / 2, "receivers waited for the timeout instead of failing fast"
+    for r in reports:
+        assert not r["ok"] and r["weights"] == "partial" and r["reason"] == "stream", r
+        assert "broke after 1 of" in r["error"]
+    tr.reset()
+    tr.serve(receivers=2)
+    handle, reports = _sync(tr, engines, sd, 2)
+    assert all(r["ok"] and r["checksum"] == handle.checksum for r in reports)
 
 
 def test_a_receiver_joining_a_formed_group_is_told_so():
