@@ -19,8 +19,8 @@ from passk_rl.shaping import (SHAPINGS, advantage_bound, expected_gain, info, ob
                               scale_violations, shape)
 
 REQUIRED = {"grpo", "dr_grpo", "rloo", "passk_grpo", "passk_alpha", "log_passk", "pkpo", "pkpo_loo",
-            "pkpo_loo_minus_one", "passk_analytic", "multi_k"}
-UNBIASED = {"rloo", "pkpo", "pkpo_loo", "pkpo_loo_minus_one", "multi_k"}
+            "pkpo_loo_minus_one", "passk_analytic", "multi_k", "rs_grpo", "w_reinforce"}
+UNBIASED = {"rloo", "pkpo", "pkpo_loo", "pkpo_loo_minus_one", "multi_k", "w_reinforce"}
 SHIFT_INVARIANT = ("grpo", "dr_grpo", "rloo", "pkpo_loo", "pkpo_loo_minus_one", "multi_k")
 HOMOGENEOUS = ("dr_grpo", "rloo", "pkpo", "pkpo_loo", "pkpo_loo_minus_one", "multi_k")
 
@@ -35,7 +35,7 @@ def _one_thread():
 
 def admissible(name: str, n: int, k: int, **params) -> bool:
     """Independent statement of which (n, k) each shaping takes (mirrors the docs table)."""
-    if name == "dr_grpo":
+    if name in ("dr_grpo", "rs_grpo", "w_reinforce"):
         return True
     if name == "rloo":
         return n >= 2
@@ -326,6 +326,8 @@ def test_all_equal_groups_get_zero_from_every_baselined_shaping(name):
         out = shape(name, const, k=k, p_hat=p_hat, **params)
         if name == "pkpo":
             assert torch.allclose(out, k * const)  # raw weight: k * g for a constant group
+        elif name == "w_reinforce":  # no baseline: lam on correct, -1 on wrong, whatever the group
+            assert torch.allclose(out, 1.1 * const - 1.0)
         else:
             assert torch.equal(out, torch.zeros_like(out)), (name, out)
 
