@@ -538,7 +538,8 @@ def test_property_unbiased_shapings_have_exact_gain(n, k, p):
 
 # ------------------------------------------------------------------ outside p_hat: clip and scale guard
 @pytest.mark.parametrize("name,k,explodes", [("grpo", 1, True), ("passk_grpo", 8, True), ("passk_alpha", 8, False),
-                                              ("log_passk", 8, True)])
+                                              ("log_passk", 8, True), ("passk_analytic", 4, True),
+                                              ("passk_analytic", 8, True), ("rs_grpo", 1, False)])
 def test_outside_p_hat_near_0_or_1_stays_within_the_group_forms_bound(name, k, explodes):
     """A central p̂ near 0 once gave one success an advantage of ~1e4 (grpo, n = 16): the default clip to
     [1/n, 1 - 1/n] keeps every advantage within the largest the group form itself gives at this n."""
@@ -594,3 +595,26 @@ def test_passk_analytic_outside_p_hat_is_clipped_to_the_groups_pk_range():
     raw = shape("passk_analytic", r, k=k, p_hat=p_hat, p_clip=0)
     assert torch.isfinite(out).all()
     assert float(out.abs().max()) < 200 < float(raw.abs().max())
+
+
+@pytest.mark.parametrize("baseline", ["mean", "loo"])
+def test_passk_analytic_explicit_p_hat_keeps_the_group_forms_bound(baseline):
+    """Issue 20 item 5: shape("passk_analytic", r, k=4, p_hat≈1) on a 16-sample group with one success gave |A| = 32
+    against the group form's bound of 1.73. shape() itself now floors sigma(P_K(p̂)) so every caller gets the bound,
+    for every count and every p̂; p_clip=0 (the exactness tests) still gives the unclipped form."""
+    n, k = 16, 4
+    bound = advantage_bound("passk_analytic", n, k=k, baseline=baseline)
+    one = torch.zeros(1, n, dtype=torch.float64)
+    one[0, 0] = 1.0
+    near_one = torch.tensor([1 - 1e-9], dtype=torch.float64)
+    assert float(shape("passk_analytic", one, k=k, p_hat=near_one, baseline=baseline, p_clip=0).abs().max()) > 10 * bound
+    assert float(shape("passk_analytic", one, k=k, p_hat=near_one, baseline=baseline).abs().max()) <= bound + 1e-12
+    counts = torch.arange(n + 1, dtype=torch.float64)
+    rows = (torch.arange(n, dtype=torch.float64)[None, :] < counts[:, None]).to(torch.float64)
+    for p in (0.0, 1e-12, 0.01, 0.2, 0.5, 0.9, 1 - 1e-12, 1.0):
+        out = shape("passk_analytic", rows, k=k, p_hat=torch.full((n + 1,), p, dtype=torch.float64), baseline=baseline)
+        assert float(out.abs().max()) <= bound + 1e-12, p
+        # the floor only rescales: signs and the ordering within a group are the group numerators'
+        raw = shape("passk_analytic", rows, k=k, p_hat=torch.full((n + 1,), 0.3, dtype=torch.float64),
+                    baseline=baseline, p_clip=0)
+        assert torch.equal(torch.sign(out), torch.sign(raw))
