@@ -7,7 +7,8 @@ prompt, the global p̂ and the K (or K weights) to shape with.
 It is the one place that decides K: it knows the shaping's admissible range at this n (``passk_rl.shaping.info``)
 and moves the schedule's K into it, so the K it returns, records in its history and checkpoints is the K the
 update uses. A shaping that ignores K gets ``k=None`` (nothing to show); a multi-K shaping gets weights, and K is
-their largest key.
+their largest key; a per-prompt schedule (``schedule.kind: per_prompt``) gets one K per prompt in ``k_rows`` (from
+that prompt's own p̂, before this step's rewards), and K is their largest.
 
 Order matters: the p̂ and K handed back are computed *before* this step's rewards are folded in, so a plug-in
 shaping that uses them (``algorithm.p_hat_source: estimator``) gets a p̂ that does not depend on the group it
@@ -37,6 +38,7 @@ class PHatDecision:
     k_weights: Optional[Dict[int, float]]  # multi-K shapings: {k: w}; k is then max(k_weights)
     total_samples: int  # samples folded in so far, this step included
     k_requested: Optional[int] = None  # the schedule's own K before it was moved into the shaping's range
+    k_rows: Optional[List[int]] = None  # per-prompt schedules: the K of each prompt (in the shaping's range)
 
 
 def k_range(shaping_name: str, n: int) -> Optional[tuple]:
@@ -65,6 +67,9 @@ class PHatService:
                              f"of schedule 'multi_k' (schedule is {schedule!r})")
         self.stats = stats_mod.make_stats(estimator, **(estimator_params or {}))
         self.schedule = schedule_mod.make_schedule(schedule, **(schedule_params or {}))
+        problem = schedule_mod.per_prompt_problem(shaping, self.schedule, self.n)
+        if problem:
+            raise ValueError(problem)
         self.history: List[Dict[str, Any]] = []
 
     def observe(self, prompt_ids: Sequence[str], rewards: Any, *, step: int, verified: Any = None) -> PHatDecision:
@@ -86,13 +91,27 @@ class PHatService:
             p_global = float(r[mask].mean()) if mask is not None and bool(mask.any()) else float(r.mean())
         else:
             p_global = float(self.stats.global_value())
-        decision = self.schedule.next(p_global, step=step, n=int(r.shape[1]))
+        if self.schedule.per_prompt:
+            # Before any history every prompt's p̂ is the estimator's prior; the batch mean is the better guess.
+            rows_p = p_hat if int(self.stats.total_samples) > 0 else [p_global] * len(p_hat)
+            decision = self.schedule.next_rows(rows_p, p_global=p_global, step=step, n=int(r.shape[1]))
+        else:
+            decision = self.schedule.next(p_global, step=step, n=int(r.shape[1]))
         self.stats.update(list(prompt_ids), r, mask=mask)
         k, weights = self._admissible(decision)
+        k_rows = None
+        if decision.k_rows is not None and self.k_range is not None:
+            k_rows = [self._clamp(x) for x in decision.k_rows]
+            k = max(k_rows) if k_rows else k
         out = PHatDecision(step=step, p_hat=p_hat, p_global=p_global, k=k, k_weights=weights,
-                           total_samples=int(self.stats.total_samples), k_requested=int(decision.k))
-        self.history.append({"step": step, "p_global": p_global, "k": out.k, "k_weights": out.k_weights})
+                           total_samples=int(self.stats.total_samples), k_requested=int(decision.k), k_rows=k_rows)
+        self.history.append({"step": step, "p_global": p_global, "k": out.k, "k_weights": out.k_weights,
+                             **({"k_mean": float(np.mean(k_rows))} if k_rows else {})})
         return out
+
+    def _clamp(self, k: int) -> int:
+        lo, hi = self.k_range
+        return int(min(max(int(k), lo), hi))
 
     def _admissible(self, decision: Any):
         """(k, weights) the shaping will use: K clamped into the shaping's range; weights only for multi-K."""
@@ -101,8 +120,7 @@ class PHatService:
             return max(weights), weights
         if self.k_range is None:
             return None, None
-        lo, hi = self.k_range
-        return int(min(max(int(decision.k), lo), hi)), None
+        return self._clamp(decision.k), None
 
     def global_value(self) -> float:
         return float(self.stats.global_value())

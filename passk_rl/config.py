@@ -474,6 +474,14 @@ def installation_problems(cfg: Config) -> List[str]:
     return problems
 
 
+def _raises(fn: Any) -> bool:
+    try:
+        fn()
+    except ValueError:
+        return True
+    return False
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks and registry names; raises ConfigError naming the key."""
     from passk_rl import schedule, shaping, stats
@@ -513,6 +521,22 @@ def validate(cfg: Config) -> None:
             f"algorithm.shaping={cfg.algorithm.shaping!r} and schedule.kind={cfg.schedule.kind!r} do not go together: "
             f"the shaping 'multi_k' takes its Ks from the K weights of schedule 'multi_k', and only it does"
         )
+    # Shaping options fail here, naming the key, not at the first step: unknown names and bad values alike (one
+    # tiny group through the shaping; a multi-K shaping's weights come from the schedule, so it is not run here).
+    spec = shaping.REGISTRY[cfg.algorithm.shaping]
+    try:
+        from passk_rl.shaping.registry import resolve
+
+        opts = resolve(spec, cfg.algorithm.shaping_params)
+        n = cfg.generator.n
+        ks = [k for k in range(1, n + 1) if not _raises(lambda k=k: spec.check_params(n, k, opts))]
+        if not info.uses_k_weights and ks:
+            shaping.shape(cfg.algorithm.shaping, [[1.0] + [0.0] * (n - 1)], k=ks[0], **cfg.algorithm.shaping_params)
+    except ValueError as e:
+        raise ConfigError(f"algorithm.shaping_params: {e}") from None
+    problem = schedule.per_prompt_problem(cfg.algorithm.shaping, sched, cfg.generator.n)
+    if problem:
+        raise ConfigError(f"schedule.kind: {problem}")
     if cfg.schedule.kind == "fixed" and not shaping.info(cfg.algorithm.shaping).uses_k_weights:
         # A fixed K the shaping cannot take would be clamped every step: say so now instead.
         try:

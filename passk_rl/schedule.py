@@ -2,6 +2,8 @@
 
 Protocol (every class in ``SCHEDULES``):
     next(p_global: float, *, step: int, n: int) -> KDecision     K never exceeds n - max_k_offset
+    per_prompt: bool              True: call next_rows(p_rows, p_global=, step=, n=) instead, which also fills
+                                  KDecision.k_rows (one K per prompt, from that prompt's own p̂)
     max_k: int                    the largest K the schedule can ask for (before the cap by n)
     state_dict() -> dict / load_state_dict(state)                plain-Python state, as in stats
 
@@ -23,8 +25,11 @@ __all__ = [
     "LinearK",
     "AnnealK",
     "MultiKWeights",
+    "TwoStageK",
+    "PerPromptK",
     "SCHEDULES",
     "make_schedule",
+    "per_prompt_problem",
 ]
 
 _STATE_VERSION = 1
@@ -32,10 +37,12 @@ _STATE_VERSION = 1
 
 @dataclass(frozen=True)
 class KDecision:
-    """K to shape with; ``weights`` ({k: w}, k ascending, max key == k) for multi-K schedules."""
+    """K to shape with; ``weights`` ({k: w}, k ascending, max key == k) for multi-K schedules; ``k_rows`` (one K per
+    prompt of the batch, max == k) for per-prompt schedules."""
 
     k: int
     weights: dict[int, float] | None = None
+    k_rows: tuple[int, ...] | None = None
 
 
 def _pos_int(x: Any, name: str, *, minimum: int = 1) -> int:
@@ -54,6 +61,7 @@ class KSchedule:
     """Base class: argument checks, the n cap, and the state-dict envelope. Subclasses set ``name``."""
 
     name: str = ""
+    per_prompt: bool = False
 
     def __init__(self, *, max_k_offset: int = 0) -> None:
         self.max_k_offset = _pos_int(max_k_offset, "max_k_offset", minimum=0)
@@ -312,7 +320,128 @@ class MultiKWeights(KSchedule):
                 "normalize": self.normalize, "max_k_offset": self.max_k_offset}
 
 
-SCHEDULES: Mapping[str, type[KSchedule]] = {cls.name: cls for cls in (FixedK, LinearK, AnnealK, MultiKWeights)}
+class TwoStageK(KSchedule):
+    """Chen et al.'s pass@k -> pass@1 training (arXiv 2508.10751): K = ``k`` before ``switch_step``, K = 1 from it on.
+
+    Their Enigmata result (P@1/P@k): pass@1 only 12.9/21.3, pass@k only 17.9/29.8, pass@k then pass@1 30.8/40.6.
+    The split is stated as a step (the run's budget is config, so ``switch_step = fraction × run.steps`` is written
+    out in the experiment file). The objective is piecewise: pass@k's until the switch, pass@1's after.
+    """
+
+    name = "two_stage"
+
+    def __init__(self, *, k: int = 8, switch_step: int = 0, max_k_offset: int = 0) -> None:
+        super().__init__(max_k_offset=max_k_offset)
+        self.k = _pos_int(k, "two_stage k")
+        self.switch_step = _pos_int(switch_step, "two_stage switch_step", minimum=0)
+
+    @property
+    def max_k(self) -> int:
+        return self.k
+
+    def _decide(self, p, step, cap):
+        return KDecision(k=min(self.k if step < self.switch_step else 1, cap))
+
+    def _params(self):
+        return {"k": self.k, "switch_step": self.switch_step, "max_k_offset": self.max_k_offset}
+
+
+class PerPromptK(KSchedule):
+    """One K per prompt, from that prompt's own p̂ (the central actor's history, read before this step's rewards).
+
+    Rule: K_i = argmax_{K in [k_min, k_max]} d pass@K/dp at p̂_i = argmax_K K (1 - p̂_i)^(K-1). Since
+    alpha_K(p) >= alpha_{K+1}(p) iff p >= 1/(K+1), the argmax is K*(p) = ceil(1/p) - 1 clipped to [k_min, k_max]
+    (ties to the smaller K; p = 0 gives k_max): a prompt solved half the time or more gets K = 1 (sharpen: pass@1),
+    one solved 1 time in 10 gets K = 9 (explore), capped at k_max. It is the K whose pass@K gradient is steepest at
+    the prompt's current success rate; arXiv 2511.16231's factor k(1-p)^(k-1) is exactly what it maximises.
+
+    Objective: K_i is a function of the history only, so with an unbiased pass@K shaping (pkpo_loo: K = 1 is RLOO)
+    the step's expected update is exactly grad sum_i pass@{K_i}(p_i) with the K_i frozen. When p̂_i = p_i it equals
+    grad sum_i F(p_i) with F(p) = int_0^p max_K alpha_K(t) dt (``objective``): the upper envelope of the pass@K
+    gradients, = p - 1/2 + F(1/2) on [1/2, 1] (pass@1), ~ (1/e) log p for 1/k_max << p << 1/2 (hard prompts weigh
+    like 1/(e p), i.e. log-likelihood-like), and pass@{k_max} below 1/k_max.
+    """
+
+    name = "per_prompt"
+    per_prompt = True
+
+    def __init__(self, *, k_min: int = 1, k_max: int = 8, max_k_offset: int = 0) -> None:
+        super().__init__(max_k_offset=max_k_offset)
+        self.k_min = _pos_int(k_min, "per_prompt k_min")
+        self.k_max = _pos_int(k_max, "per_prompt k_max")
+        if self.k_max < self.k_min:
+            raise ValueError(f"per_prompt: k_max must be >= k_min, got k_min={k_min}, k_max={k_max}")
+
+    @property
+    def max_k(self) -> int:
+        return self.k_max
+
+    def k_star(self, p: Any) -> np.ndarray:
+        """K*(p) = clip(ceil(1/p) - 1, k_min, k_max) elementwise (int64); p = 0 gives k_max."""
+        p = np.asarray(p, dtype=np.float64)
+        if np.any(~np.isfinite(p) | (p < 0) | (p > 1)):
+            raise ValueError(f"per_prompt: p̂ must lie in [0, 1], got {p!r}")
+        with np.errstate(divide="ignore", over="ignore"):  # p below ~1e-308: 1/p = inf, clipped to k_max
+            raw = np.where(p > 0, np.ceil(1.0 / np.where(p > 0, p, 1.0) - 1e-12) - 1, self.k_max)
+        return np.clip(raw, self.k_min, self.k_max).astype(np.int64)
+
+    def objective(self, p: Any) -> np.ndarray:
+        """F(p) = int_0^p alpha_{K*(t)}(t) dt, summed over the segments where K* is constant (float64)."""
+        p = np.asarray(p, dtype=np.float64)
+        # K* = K on [1/(K+1), 1/K] for k_min < K < k_max; k_max on [0, 1/k_max]; k_min on [1/(k_min+1), 1]
+        edges = [0.0] + [1.0 / (kk + 1) for kk in range(self.k_max - 1, self.k_min - 1, -1)] + [1.0]
+        ks = list(range(self.k_max, self.k_min - 1, -1))
+        out = np.zeros_like(p)
+        for kk, lo, hi in zip(ks, edges[:-1], edges[1:]):
+            a, b = np.clip(p, lo, hi), lo
+            out = out + (1 - (1 - a) ** kk) - (1 - (1 - b) ** kk)
+        return out
+
+    def derivative(self, p: Any) -> np.ndarray:
+        p = np.asarray(p, dtype=np.float64)
+        k = self.k_star(p)
+        return k * (1 - p) ** (k - 1)
+
+    def _decide(self, p, step, cap):  # one K for everyone (a caller that has no per-prompt p̂)
+        return KDecision(k=int(min(self.k_star(p), cap)))
+
+    def next_rows(self, p_rows: Sequence[float], *, p_global: float, step: int, n: int) -> KDecision:
+        """K_i = K*(p̂_i) capped by n - max_k_offset for every prompt; KDecision.k = max K_i (p_global if no rows)."""
+        glob = self.next(p_global, step=step, n=n)
+        rows = np.minimum(self.k_star(list(p_rows)), n - self.max_k_offset)
+        k_rows = tuple(int(x) for x in rows)
+        dec = KDecision(k=max(k_rows) if k_rows else glob.k, k_rows=k_rows)
+        self._last = {**(self._last or {}), "k": dec.k, "k_rows_mean": float(np.mean(rows)) if k_rows else None}
+        return dec
+
+    def _params(self):
+        return {"k_min": self.k_min, "k_max": self.k_max, "max_k_offset": self.max_k_offset}
+
+
+SCHEDULES: Mapping[str, type[KSchedule]] = {
+    cls.name: cls for cls in (FixedK, LinearK, AnnealK, MultiKWeights, TwoStageK, PerPromptK)}
+
+
+def per_prompt_problem(shaping_name: str, sched: KSchedule, n: int) -> str | None:
+    """Why a per-prompt K schedule cannot serve this shaping at n (None: it can, or ``sched`` is not per-prompt).
+
+    Clamping its K = 1 rows up to a shaping's min_k would silently drop the 'sharpen solved prompts' half of the
+    rule, and a shaping that ignores K or takes K weights would drop the rule altogether."""
+    if not sched.per_prompt:
+        return None
+    from passk_rl import shaping  # the shaping registry is math-core too; imported here to keep this module light
+
+    info = shaping.info(shaping_name)
+    if not info.uses_k or info.uses_k_weights:
+        return (f"schedule 'per_prompt' gives one K per prompt; shaping {shaping_name!r} "
+                f"{'takes K weights' if info.uses_k_weights else 'ignores K'} (use pkpo_loo, pkpo or passk_alpha)")
+    if info.min_k > sched.k_min:
+        return (f"schedule 'per_prompt' has k_min={sched.k_min} but shaping {shaping_name!r} needs K >= {info.min_k}; "
+                f"use pkpo_loo (K = 1 is RLOO) or raise k_min")
+    hi = n - 1 if info.needs_k_le_n_minus_1 else n
+    if sched.k_max > hi:
+        return f"schedule 'per_prompt' has k_max={sched.k_max} but shaping {shaping_name!r} takes K <= {hi} at n={n}"
+    return None
 
 
 def make_schedule(name: str, **params: Any) -> KSchedule:

@@ -371,6 +371,7 @@ class Trainer:
                 "k": decision.k,
                 "k_requested": decision.k_requested if decision.k is not None else None,
                 "k_weights": decision.k_weights,
+                "k_mean": float(np.mean(decision.k_rows)) if getattr(decision, "k_rows", None) else None,
                 "p_hat_global": decision.p_global,
                 "p_hat_samples": decision.total_samples,
                 "verified_samples": int(verified.sum()),
@@ -415,6 +416,8 @@ class Trainer:
         params = dict(a.shaping_params)
         info = shaping.info(a.shaping)
         k = decision.k if decision.k is not None else 1
+        if getattr(decision, "k_rows", None):  # a per-prompt K schedule: one K per group
+            k = np.asarray(decision.k_rows, dtype=np.int64)
         if info.uses_k_weights:
             params["weights"] = decision.k_weights
             k = 1

@@ -127,3 +127,22 @@ def test_multi_k_shaping_and_schedule_must_come_together():
                        shaping="grpo")
     d = free.observe(["a"], np.zeros((1, 16)), step=1)
     assert d.k is None and d.k_weights is None
+
+
+def test_per_prompt_k_comes_from_each_prompts_own_history():
+    """schedule 'per_prompt': each prompt's K is read from its own p̂ before this step's rewards (so it does not depend
+    on the group it weights), moved into the shaping's range, and handed back per row; K is their largest."""
+    svc = PHatService(estimator="ema", estimator_params={"decay": 0.5}, schedule="per_prompt",
+                      schedule_params={"k_min": 1, "k_max": 8}, n=16, shaping="pkpo_loo")
+    hard = np.zeros((1, 16))
+    hard[0, 0] = 1.0  # 1/16
+    easy = np.ones((1, 16))
+    easy[0, :3] = 0.0  # 13/16
+    first = svc.observe(["hard", "easy"], np.vstack([hard, easy]), step=0)
+    assert first.k_rows == [2, 2] and first.k == 2  # no history: both use the batch mean (7/16 -> K* = 2)
+    dec = svc.observe(["hard", "easy"], np.vstack([easy, hard]), step=1)  # this step's rewards are not used
+    assert dec.p_hat[0] < 0.2 < 0.7 < dec.p_hat[1]
+    assert dec.k_rows[0] == 8 and dec.k_rows[1] == 1 and dec.k == 8
+    assert svc.history[-1]["k_mean"] == 4.5
+    with pytest.raises(ValueError, match="needs K >= 2"):
+        PHatService(estimator="ema", schedule="per_prompt", n=16, shaping="pkpo_loo_minus_one")

@@ -35,11 +35,11 @@ def _one_thread():
 
 def admissible(name: str, n: int, k: int, **params) -> bool:
     """Independent statement of which (n, k) each shaping takes (mirrors the docs table)."""
-    if name in ("dr_grpo", "rs_grpo", "w_reinforce"):
+    if name in ("dr_grpo", "w_reinforce"):
         return True
     if name == "rloo":
         return n >= 2
-    if name in ("grpo", "passk_grpo", "passk_alpha", "log_passk"):
+    if name in ("grpo", "passk_grpo", "passk_alpha", "log_passk", "rs_grpo"):
         return params.get("baseline", "mean") == "mean" or n >= 2
     if name == "pkpo":
         return k <= n

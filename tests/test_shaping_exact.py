@@ -31,7 +31,7 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 UNBIASED = ("rloo", "pkpo", "pkpo_loo", "pkpo_loo_minus_one", "multi_k")
-PLUGINS = ("grpo", "passk_grpo", "passk_alpha", "log_passk", "passk_analytic")
+PLUGINS = ("grpo", "passk_grpo", "passk_alpha", "log_passk", "passk_analytic", "rs_grpo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,3 +344,118 @@ def test_plugin_bias_shrinks_as_n_grows(name, p):
     bias = [abs(expected_gain(name, n, p, k=k) / fprime - 1.0) for n in (32, 128, 512)]
     assert bias[0] > bias[1] > bias[2], bias
     assert bias[2] < 0.02, bias
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the methods of issue 20: W-REINFORCE, RS-GRPO, and a per-prompt K
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lam", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_w_reinforce_is_exactly_the_gradient_of_one_plus_lambda_times_p(lam, m):
+    """A_i = lam r_i - (1 - r_i) depends on its own reward only: E[update] = (1 + lam) grad p at every n."""
+    theta, correct = policy(40 + m, m)
+    g = torch.zeros(m, dtype=torch.float64)
+    g[correct] = 1.0
+    for n in range(1, 7):
+        upd = exact_update("w_reinforce", theta, g, n, k=1, lam=lam)
+        want = grad_binary_objective("w_reinforce", theta, correct, k=1, lam=lam)
+        assert torch.allclose(upd, want, atol=TOL, rtol=0), (lam, n)
+        assert torch.allclose(want, (1 + lam) * grad_p(theta, correct), atol=TOL, rtol=0)
+
+
+def test_w_reinforce_continuous_rewards_ascend_one_plus_lambda_times_mean_reward():
+    theta = torch.tensor([0.3, -0.8, 1.1, 0.0], dtype=torch.float64)
+    g = torch.tensor([0.2, 0.9, 0.2, 0.0], dtype=torch.float64)
+    for n in range(1, 5):
+        upd = exact_update("w_reinforce", theta, g, n, k=1, lam=0.3)
+        want = 1.3 * grad_continuous_objective(theta, g, {1: 1.0})
+        assert torch.allclose(upd, want, atol=TOL, rtol=0), n
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, 6.0])
+def test_rs_grpo_with_true_p_hat_is_exactly_the_exponential_utility_gradient(beta):
+    """With p̂ = true p the denominator 1 + p(e^beta - 1) is E[exp(beta r)], a constant given the group, so with the
+    leave-one-out baseline the update is exactly grad (1/beta) log(1 + p(e^beta - 1)) at every n (the mean baseline:
+    (1 - 1/n) times it). test_plugin_with_true_p_hat_is_exact covers beta = 2; this covers the beta range."""
+    theta, correct = policy(21, 3)
+    g = torch.zeros(3, dtype=torch.float64)
+    g[correct] = 1.0
+    p = float(torch.softmax(theta, 0)[correct].sum())
+    for n in range(2, 7):
+        want = grad_binary_objective("rs_grpo", theta, correct, k=1, beta=beta)
+        upd = exact_update("rs_grpo", theta, g, n, k=1, p_hat=p, beta=beta, baseline="loo", p_clip=0)
+        assert torch.allclose(upd, want, atol=TOL, rtol=0), (beta, n)
+        upd = exact_update("rs_grpo", theta, g, n, k=1, p_hat=p, beta=beta, p_clip=0)
+        assert torch.allclose(upd, (1 - 1 / n) * want, atol=TOL, rtol=0), (beta, n)
+    # F itself: the log-mean-exp of the reward, interpolating between p (beta -> 0) and max (beta -> inf)
+    assert objective("rs_grpo", 0.3, beta=1e-6) == pytest.approx(0.3, rel=1e-5)
+    assert objective("rs_grpo", 0.3, beta=beta) == pytest.approx(math.log(0.7 + 0.3 * math.exp(beta)) / beta, rel=1e-12)
+    # the default group form is the paper's (1/beta)(exp(beta r_i)/mean_j exp(beta r_j) - 1)
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0], [0.2, 0.9, 0.0, 0.5, 1.0]], dtype=torch.float64)
+    e = torch.exp(beta * r)
+    assert torch.allclose(shape("rs_grpo", r, beta=beta), (e / e.mean(1, keepdim=True) - 1) / beta, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [2.0, 6.0])
+def test_rs_grpo_group_form_is_biased_at_small_n_and_converges_to_its_declared_objective(beta):
+    """The paper's form divides by the group mean of exp(beta r), which contains the sample itself: biased at small n
+    (enumeration), and the bias falls along n = 32, 128, 512 towards F'(p)."""
+    theta, correct = policy(5, 4)
+    g = torch.zeros(4, dtype=torch.float64)
+    g[correct] = 1.0
+    upd = exact_update("rs_grpo", theta, g, 6, k=1, beta=beta)
+    want = grad_binary_objective("rs_grpo", theta, correct, k=1, beta=beta)
+    assert float((upd - want).norm() / want.norm()) > 0.05
+    for p in (0.1, 0.3, 0.6):
+        d = objective_derivative("rs_grpo", p, beta=beta)
+        bias = [abs(expected_gain("rs_grpo", n, p, beta=beta) / d - 1.0) for n in (32, 128, 512)]
+        assert bias[0] > bias[1] > bias[2] and bias[2] < 0.02, (p, bias)
+
+
+def test_per_row_k_shapes_each_row_as_it_would_be_alone():
+    gen = torch.Generator().manual_seed(4)
+    r = torch.randint(0, 2, (12, 8), generator=gen).to(torch.float64)
+    ks = torch.tensor([1, 2, 3, 7, 1, 5, 2, 7, 4, 1, 6, 3])
+    ph = torch.rand(12, generator=gen, dtype=torch.float64)
+    for name in ("pkpo_loo", "pkpo", "passk_alpha", "passk_grpo", "log_passk", "rloo", "grpo", "passk_analytic"):
+        if name == "pkpo_loo":
+            kk = ks
+        else:
+            kk = ks.clamp(min=shaping.info(name).min_k)
+        out = shape(name, r, k=kk, p_hat=ph if shaping.info(name).uses_p_hat else None)
+        for i in range(12):
+            alone = shape(name, r[i:i + 1], k=int(kk[i]) if shaping.info(name).uses_k else 1,
+                          p_hat=ph[i:i + 1] if shaping.info(name).uses_p_hat else None)
+            assert torch.equal(out[i:i + 1], alone), (name, i)
+    with pytest.raises(ValueError, match="per-row k"):
+        shape("pkpo_loo", r, k=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="weights"):
+        shape("multi_k", r, k=ks)
+    with pytest.raises(ValueError, match="k <= n-1"):
+        shape("pkpo_loo", r, k=ks.clamp(max=8) + 1)
+
+
+def test_per_prompt_k_with_true_p_is_exactly_the_gradient_of_the_envelope_objective():
+    """K_i = K*(p̂_i) is frozen before the group is drawn; with pkpo_loo (K = 1 is RLOO) the update of a prompt is
+    exactly alpha_{K_i}(p) grad p. With p̂ = p that is grad F(p), F = int max_K alpha_K (PerPromptK.objective):
+    checked by enumeration on three prompts whose p puts them in different K* regions."""
+    from passk_rl.schedule import PerPromptK
+
+    sched = PerPromptK(k_min=1, k_max=5)
+    n = 6
+    for seed, target in ((1, 0.08), (2, 0.3), (3, 0.7)):
+        gen = torch.Generator().manual_seed(seed)
+        theta = torch.randn(3, generator=gen, dtype=torch.float64)
+        correct = torch.tensor([0])
+        theta[0] = theta[1:].logsumexp(0) + math.log(target / (1 - target))  # p = target exactly
+        p = float(torch.softmax(theta, 0)[correct].sum())
+        assert p == pytest.approx(target)
+        k_i = int(sched.k_star([p])[0])
+        g = torch.zeros(3, dtype=torch.float64)
+        g[correct] = 1.0
+        upd = exact_update("pkpo_loo", theta, g, n, k=k_i)
+        fprime = float(sched.derivative(p))
+        assert torch.allclose(upd, fprime * grad_p(theta, correct), atol=TOL, rtol=0), (p, k_i)
+        eps = 1e-6  # F' is the derivative of the stated F (central difference)
+        assert (sched.objective(p + eps) - sched.objective(p - eps)) / (2 * eps) == pytest.approx(fprime, rel=1e-6)
+    assert [int(x) for x in sched.k_star([0.08, 0.3, 0.7])] == [5, 3, 1]

@@ -228,7 +228,7 @@ def test_multi_k_weights_interpolate_merge_and_feed_the_shaping():
 
 
 def test_schedule_errors():
-    assert set(SCHEDULES) == {"fixed", "linear", "anneal", "multi_k"}
+    assert set(SCHEDULES) == {"fixed", "linear", "anneal", "multi_k", "two_stage", "per_prompt"}
     with pytest.raises(ValueError, match="known: fixed, linear"):
         make_schedule("cosine")
     with pytest.raises(ValueError, match="bad parameters"):
@@ -269,8 +269,86 @@ def test_property_k_never_exceeds_n(name, p, step, n, kmax, offset):
         "linear": {"k_min": 1, "k_max": kmax, "p_target": 0.5},
         "anneal": {"milestones": {0: kmax, 500: 1}},
         "multi_k": {"milestones": [(0, {1: 1.0, kmax: 1.0}), (700, {2: 1.0})]},
+        "two_stage": {"k": kmax, "switch_step": 400},
+        "per_prompt": {"k_min": 1, "k_max": kmax},
     }[name]
     dec = make_schedule(name, max_k_offset=offset, **params).next(p, step=step, n=n)
     assert 1 <= dec.k <= n - offset
     if dec.weights is not None:
         assert max(dec.weights) == dec.k and all(1 <= k <= n - offset for k in dec.weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# two-stage (Chen et al.) and per-prompt K
+# ---------------------------------------------------------------------------------------------
+def test_two_stage_is_k_before_the_switch_and_one_after():
+    sch = make_schedule("two_stage", k=8, switch_step=30)
+    ks = [sch.next(0.4, step=t, n=16).k for t in range(60)]
+    assert ks[:30] == [8] * 30 and ks[30:] == [1] * 30
+    assert make_schedule("two_stage", k=8, switch_step=30).next(0.4, step=0, n=4).k == 4  # capped by n
+    state = json.loads(json.dumps(sch.state_dict()))
+    fresh = make_schedule("two_stage", k=8, switch_step=30)
+    fresh.load_state_dict(state)
+    assert fresh.last == sch.last
+    with pytest.raises(ValueError, match="params"):
+        make_schedule("two_stage", k=8, switch_step=31).load_state_dict(state)
+    for bad in ({"k": 0}, {"switch_step": -1}, {"k": 2.5}, {"switch_fraction": 0.5}):
+        with pytest.raises(ValueError):
+            make_schedule("two_stage", **bad)
+
+
+def test_per_prompt_k_is_the_steepest_pass_at_k_at_each_prompts_p_hat():
+    sch = make_schedule("per_prompt", k_min=1, k_max=12)
+    grid = np.concatenate([np.linspace(0, 1, 2001), 1 / np.arange(1, 15), 1 / np.arange(1, 15) + 1e-9])
+    grid = grid[(grid >= 0) & (grid <= 1)]
+    got = sch.k_star(grid)
+    for p, k in zip(grid, got):
+        alphas = [kk * (1 - p) ** (kk - 1) for kk in range(1, 13)]
+        best = max(alphas)
+        # the rule's K reaches the largest alpha_K (ties resolved to the smaller K)
+        assert alphas[k - 1] >= best * (1 - 1e-9), (p, k)
+        assert all(a < best * (1 - 1e-9) for a in alphas[: k - 1]) or p == 0, (p, k)
+    assert list(sch.k_star([0.0, 0.05, 0.1, 0.3, 0.5, 0.9])) == [12, 12, 9, 3, 1, 1]
+    # objective: F(0) = 0, F' is the envelope, pass@1 above p = 1/2 (slope 1)
+    assert float(sch.objective(0.0)) == 0.0
+    p = np.linspace(1e-3, 1 - 1e-3, 999)
+    fd = (sch.objective(p + 1e-7) - sch.objective(p - 1e-7)) / 2e-7
+    assert np.allclose(fd, sch.derivative(p), rtol=1e-5, atol=1e-6)
+    assert np.allclose(sch.derivative(p[p > 0.5]), 1.0)
+    # next_rows: one K per prompt, capped by n - max_k_offset; K = max of the rows
+    dec = make_schedule("per_prompt", k_min=1, k_max=12, max_k_offset=1).next_rows([0.0, 0.3, 0.9], p_global=0.4,
+                                                                                    step=3, n=8)
+    assert dec.k_rows == (7, 3, 1) and dec.k == 7
+    with pytest.raises(ValueError, match="k_max"):
+        make_schedule("per_prompt", k_min=4, k_max=2)
+
+
+def test_per_prompt_k_fits_only_shapings_that_take_its_ks():
+    sch = make_schedule("per_prompt", k_min=1, k_max=8)
+    assert schedule.per_prompt_problem("pkpo_loo", sch, 16) is None
+    assert "needs K >= 2" in schedule.per_prompt_problem("pkpo_loo_minus_one", sch, 16)
+    assert "ignores K" in schedule.per_prompt_problem("rloo", sch, 16)
+    assert "K weights" in schedule.per_prompt_problem("multi_k", sch, 16)
+    assert "K <= 7" in schedule.per_prompt_problem("pkpo_loo", sch, 8)
+    assert schedule.per_prompt_problem("pkpo_loo", make_schedule("fixed", k=4), 8) is None
+
+
+def test_config_loads_the_new_schedules_strictly():
+    from passk_rl.config import ConfigError, config_from_dict
+
+    ok = config_from_dict({"algorithm": {"shaping": "pkpo_loo"}, "generator": {"n": 16},
+                           "schedule": {"kind": "per_prompt", "params": {"k_min": 1, "k_max": 8}}})
+    assert ok.schedule.kind == "per_prompt"
+    config_from_dict({"algorithm": {"shaping": "pkpo_loo_minus_one"}, "generator": {"n": 16},
+                      "schedule": {"kind": "two_stage", "params": {"k": 8, "switch_step": 75}}})
+    with pytest.raises(ConfigError, match="needs K >= 2"):
+        config_from_dict({"algorithm": {"shaping": "pkpo_loo_minus_one"}, "generator": {"n": 16},
+                          "schedule": {"kind": "per_prompt", "params": {"k_min": 1, "k_max": 8}}})
+    with pytest.raises(ConfigError, match="two_stage"):
+        config_from_dict({"schedule": {"kind": "two_stages"}})
+    with pytest.raises(ConfigError, match="schedule.params"):
+        config_from_dict({"schedule": {"kind": "two_stage", "params": {"k": 4, "split": 0.5}}})
+    for name in ("rs_grpo", "w_reinforce"):
+        assert config_from_dict({"algorithm": {"shaping": name}}).algorithm.shaping == name
+    with pytest.raises(ConfigError, match="beta"):
+        config_from_dict({"algorithm": {"shaping": "rs_grpo", "shaping_params": {"bta": 2.0}}})

@@ -98,23 +98,34 @@ def d_rs(p: torch.Tensor, *, k: int, beta: float = 2.0, **_: Any) -> torch.Tenso
 
 @register(
     "rs_grpo", objective=f_rs, derivative=d_rs, uses_p_hat=True,
-    defaults={"beta": 2.0, "p_clip": "group"}, p_range=p_range_mean,
+    defaults={"beta": 2.0, "baseline": "mean", "p_clip": "group"}, p_range=p_range_mean,
     objective_formula="(1/beta) log(1 + p (e^beta - 1))  [= (1/beta) log E exp(beta r)]",
-    advantage_formula="(1/beta) (exp(beta r_i) / mean_j exp(beta r_j) - 1); with p_hat: mean_j -> 1 + p_hat (e^beta - 1)",
+    advantage_formula="(exp(beta r_i) - b_i) / (beta m); b_i = mean_j exp(beta r_j) (paper) or the mean over j != i; "
+    "m = mean_j exp(beta r_j), or 1 + p_hat (e^beta - 1) when p_hat is given",
     paper=PAPER_RS,
-    doc="Risk-seeking exponential-utility advantage. For 0/1 rewards the population limit ascends "
+    doc="Risk-seeking exponential-utility advantage; with the default baseline='mean' and no p_hat it is the paper's "
+    "(1/beta)(exp(beta r_i) / mean_j exp(beta r_j) - 1). For 0/1 rewards the population limit ascends "
     "F(p) = (1/beta) log(1 + p(e^beta - 1)), F'(p) = (e^beta - 1)/(beta (1 + p(e^beta - 1))): a pass@1 gradient "
-    "weighted up to (e^beta - 1)/beta on hard prompts (beta -> 0: p; large beta: ~ (1/beta) log p). The group mean "
-    "of exp(beta r) contains the sample itself, so at finite n the update is biased (expected_gain differs from F'); "
-    "with p_hat = true p (p_clip=0) it is exactly grad F. k is ignored; p_hat assumes 0/1 rewards.",
+    "weighted up to (e^beta - 1)/beta on hard prompts (beta -> 0: p; large beta: ~ (1/beta) log p for p >> e^-beta). "
+    "The group mean of exp(beta r) contains the sample itself, so at finite n the update is biased (expected_gain "
+    "differs from F'). With p_hat = true p (p_clip=0) the denominator is E[exp(beta r)] and the update is exactly "
+    "grad F for baseline='loo' and (1 - 1/n) grad F for 'mean'. k is ignored; p_hat assumes 0/1 rewards; "
+    "beta in (0, 50].",
 )
-def adv_rs_grpo(b: Batch, *, k: int, beta: float) -> torch.Tensor:
+def adv_rs_grpo(b: Batch, *, k: int, beta: float, baseline: str) -> torch.Tensor:
     beta = _beta(beta)
+    # Everything is divided by exp(beta max_j r_j) so large beta r cannot overflow; an all-equal group has z = 1
+    # exactly, hence a numerator of exactly 0.
+    top = b.r.amax(1, keepdim=True)
+    z = torch.exp(beta * (b.r - top))
+    z_total = z.sum(1, keepdim=True)
+    zb = Batch(r=z, n=b.n, total=z_total, binary=False, c=None, p_hat=None)
+    num = centred(zb, baseline)
     if b.p_hat is not None:
-        log_m = torch.log1p(b.p_hat * math.expm1(beta))[:, None]
-    else:  # log mean_j exp(beta r_j), stable for large beta * r
-        log_m = torch.logsumexp(beta * b.r, dim=1, keepdim=True) - math.log(b.n)
-    return torch.expm1(beta * b.r - log_m) / beta
+        m = torch.exp(torch.log1p(b.p_hat * math.expm1(beta))[:, None] - beta * top)
+    else:
+        m = z_total / b.n
+    return num / (beta * m)
 
 
 # ---- W-REINFORCE: positive-sample term down-weighted by lambda ----
