@@ -109,6 +109,9 @@ class ExperimentSpec:
     # Candidates whose validation pass@1 is within this of the best baseline's rank first (then by validation
     # pass@K): the recipe sought must win at pass@K *and* keep pass@1. None: rank by validation pass@K alone.
     pass1_slack: Optional[float] = None
+    # Methods whose (pass@1, pass@big-K) trace the frontier of the report's pareto_frontier.png (e.g. rloo, the
+    # multi_k mixing weights, pkpo); every other method is placed against it. Empty: no frontier figure.
+    frontier: List[str] = dataclasses.field(default_factory=list)
     n_boot: int = 4000
 
 
@@ -172,10 +175,12 @@ def _check_spec(spec: ExperimentSpec, where: str) -> None:
         elif not isinstance(m.lr, str) and not (isinstance(m.lr, (int, float)) and m.lr > 0):
             raise ExperimentError(f"{where}: method {m.name!r}: lr must be 'tune', a positive number or a method "
                                   f"name, got {m.lr!r}")
-    for key in ("baselines", "candidates"):
+    for key in ("baselines", "candidates", "frontier"):
         bad = [n for n in getattr(spec, key) if n not in names]
         if bad:
             raise ExperimentError(f"{where}: {key}: unknown method {bad[0]!r} (known: {names})")
+    if spec.frontier and len(spec.frontier) < 2:
+        raise ExperimentError(f"{where}: frontier needs at least two methods, got {spec.frontier}")
     if not spec.tune.lrs or any(not (isinstance(x, (int, float)) and x > 0) for x in spec.tune.lrs):
         raise ExperimentError(f"{where}: tune.lrs must be a non-empty list of positive numbers")
     if not spec.seeds:
@@ -666,6 +671,8 @@ def write_report(spec: ExperimentSpec, planner: Planner, oc: Outcome, a: Dict[st
               f"- pass@{big} not below the base (mean difference ≥ 0): "
               f"**{'yes' if v['pass_big_k_not_below_base'] else 'no'}**",
               f"- **all three: {'yes' if v['ok'] else 'no'}**", ""]
+    if spec.frontier:
+        L += plots.frontier_section(a, spec.frontier, out)
     L += ["## Held-out results per method", "",
           "| method | lr | seeds | " + " | ".join(f"pass@{kk}" for kk in ks) + " |",
           "|---|---|---|" + "---|" * len(ks),

@@ -2,6 +2,8 @@
 
 - ``plot_pass_at_k(curves, path)``: pass@k vs k (log2 x axis) for several models, 95 % bootstrap bands.
 - ``plot_pareto(points, path, k=K)``: pass@1 vs pass@K per run/method, with error bars (the seed's phase 2 plot).
+- ``plot_pareto_frontier(points, frontier, path, ...)``: pass@1 vs pass@K with the frontier that a family of runs
+  (the multi_k mixing weights) traces, and ``frontier_gaps`` — where every other method lands relative to it.
 - ``plot_run(run_dir)``: ``run_dir/pass_at_k.png`` (base, periodic and final held-out evaluations) and
   ``run_dir/training.png`` (reward, K, p̂ and batch pass@k vs step from ``metrics.jsonl``).
 
@@ -16,13 +18,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # before pyplot: headless machines and Ray workers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 Interval = Tuple[float, float, float]  # (mean, lo, hi)
 
-__all__ = ["plot_pass_at_k", "plot_pareto", "plot_run", "plot_training_by_method", "curve_points", "read_jsonl"]
+__all__ = ["plot_pass_at_k", "plot_pareto", "plot_pareto_frontier", "frontier_gaps", "frontier_section", "plot_run", "plot_training_by_method", "curve_points", "read_jsonl"]
 
 
 def curve_points(curve: Mapping[str, Any]) -> Tuple[List[int], List[float], List[float], List[float]]:
@@ -96,6 +99,138 @@ def plot_pareto(points: Mapping[str, Tuple[Interval, Interval]], path: str | Pat
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or f"pass@1 vs pass@{k} (error bars: 95 % CI over problems)", fontsize=10)
     return _save(fig, Path(path))
+
+
+def frontier_gaps(points: Mapping[str, Tuple[Interval, Interval]], frontier: Sequence[str],
+                  seed_points: Optional[Mapping[str, Sequence[Tuple[float, float]]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Where each non-frontier label lands relative to the frontier traced by ``frontier`` (labels in ``points``).
+
+    The frontier is the piecewise-linear curve through the frontier labels' mean (x, y), sorted by x (for mixing
+    weights w of pass@1 and pass@K, the curve the weights trace). For every other label: ``gap`` = its mean y minus
+    the frontier's y at its mean x (> 0: outside, i.e. more pass@K at equal pass@1), None when its x lies outside the
+    frontier's x range (``side`` then says "left"/"right"). With ``seed_points`` for the label and every frontier
+    label, aligned by seed, ``seed_gaps`` holds the same gap per seed against that seed's own frontier (so an
+    interval over seeds can be formed). Raises ValueError on fewer than two frontier labels or unknown labels."""
+    missing = [f for f in frontier if f not in points]
+    if len(frontier) < 2 or missing:
+        raise ValueError(f"frontier_gaps: need >= 2 frontier labels present in points; missing {missing}, "
+                         f"got {list(frontier)}")
+
+    def curve(xy: Sequence[Tuple[float, float]]) -> Tuple[List[float], List[float]]:
+        pts = sorted(xy)
+        return [float(a) for a, _ in pts], [float(b) for _, b in pts]
+
+    def gap_at(xs: List[float], ys: List[float], x: float, y: float) -> Tuple[Optional[float], str]:
+        if x < xs[0] - 1e-12:
+            return None, "left"
+        if x > xs[-1] + 1e-12:
+            return None, "right"
+        for i in range(len(xs) - 1):
+            if xs[i] <= x <= xs[i + 1]:
+                t = 0.0 if xs[i + 1] == xs[i] else (x - xs[i]) / (xs[i + 1] - xs[i])
+                yy = max(ys[i], ys[i + 1]) if xs[i + 1] == xs[i] else ys[i] + t * (ys[i + 1] - ys[i])
+                return y - yy, "within"
+        return y - ys[-1], "within"  # x == xs[-1] exactly after round-off
+
+    fx, fy = curve([(float(points[f][0][0]), float(points[f][1][0])) for f in frontier])
+    out: Dict[str, Dict[str, Any]] = {}
+    for label, (p1, pk) in points.items():
+        if label in frontier:
+            continue
+        gap, side = gap_at(fx, fy, float(p1[0]), float(pk[0]))
+        row: Dict[str, Any] = {"gap": gap, "side": side, "seed_gaps": None}
+        seeds = (seed_points or {}).get(label)
+        if seeds and all((seed_points or {}).get(f) and len(seed_points[f]) == len(seeds) for f in frontier):
+            per = []
+            for s, (x, y) in enumerate(seeds):
+                sx, sy = curve([seed_points[f][s] for f in frontier])
+                per.append(gap_at(sx, sy, float(x), float(y))[0])
+            row["seed_gaps"] = per if all(g is not None for g in per) else None
+        out[label] = row
+    return out
+
+
+def plot_pareto_frontier(points: Mapping[str, Tuple[Interval, Interval]], frontier: Sequence[str], path: str | Path,
+                         *, k: int, base: Optional[Tuple[float, float]] = None, title: Optional[str] = None,
+                         seed_points: Optional[Mapping[str, Sequence[Tuple[float, float]]]] = None) -> Path:
+    """pass@1 (x) vs pass@k (y): the frontier traced by the ``frontier`` labels (dashed line through their means,
+    sorted by pass@1), every other label with its 95 % error bars, and ``base`` (the initial model) as a star with
+    guide lines; ``points[label] = ((mean, lo, hi) at 1, (mean, lo, hi) at k)``, as in ``plot_pareto``."""
+    gaps = frontier_gaps(points, frontier, seed_points)
+    fig, ax = plt.subplots(figsize=(7, 5.2))
+    fr = sorted(frontier, key=lambda f: float(points[f][0][0]))
+    ax.plot([float(points[f][0][0]) for f in fr], [float(points[f][1][0]) for f in fr], "k--", lw=1.0, zorder=1,
+            label="frontier (" + " → ".join(fr) + ")")
+    for label, (p1, pk) in points.items():
+        (m1, lo1, hi1), (mk, lok, hik) = (tuple(map(float, p1)), tuple(map(float, pk)))
+        on = label in frontier
+        g = gaps.get(label)
+        tag = "" if on or g is None else (f" ({g['gap']:+.3f})" if g["gap"] is not None else f" ({g['side']})")
+        bars = ax.errorbar([m1], [mk], xerr=[[max(m1 - lo1, 0.0)], [max(hi1 - m1, 0.0)]],
+                           yerr=[[max(mk - lok, 0.0)], [max(hik - mk, 0.0)]], fmt="o" if on else "s",
+                           ms=4 if on else 5, capsize=2, label=str(label) + tag)
+        seeds = (seed_points or {}).get(label) or []
+        if len(seeds) > 1:
+            xs, ys = zip(*seeds)
+            ax.scatter(xs, ys, s=8, alpha=0.45, color=bars[0].get_color(), lw=0)
+    if base is not None:
+        ax.scatter([base[0]], [base[1]], marker="*", s=90, color="grey", zorder=3, label="base")
+        ax.axhline(base[1], color="grey", lw=0.6, ls=":")
+        ax.axvline(base[0], color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("pass@1")
+    ax.set_ylabel(f"pass@{k}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6.5, loc="best")
+    ax.set_title(title or f"pass@1 vs pass@{k}: frontier of the mixing weights; (±x) = pass@{k} gap to it",
+                 fontsize=9)
+    return _save(fig, Path(path))
+
+
+def _signed(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:+.3f}"
+
+
+def frontier_section(analysis: Mapping[str, Any], frontier: Sequence[str], out_dir: str | Path,
+                     *, k: Optional[int] = None) -> List[str]:
+    """The experiment report's frontier part: writes ``out_dir/pareto_frontier.png`` (pass@1 vs pass@k, k = the
+    analysis' big K by default) and returns markdown lines: the figure and a table of each method's gap in pass@k
+    to the frontier at its pass@1 (mean, and a t interval over seeds when it shares the frontier methods' seeds).
+
+    ``analysis`` is ``passk_rl.experiment.analyse``'s dict (methods[name] = {label, seeds, k: {kk: {mean, lo, hi,
+    per_seed}}}, base: {kk: {mean}}); ``frontier`` names its methods (the multi_k mixing weights, rloo, pkpo)."""
+    import math
+
+    from scipy import stats as sps
+
+    k = int(k or analysis["big_k"])
+    methods = analysis["methods"]
+    label = {name: row["label"] for name, row in methods.items()}
+    points = {label[n]: ((row["k"][1]["mean"], row["k"][1]["lo"], row["k"][1]["hi"]),
+                         (row["k"][k]["mean"], row["k"][k]["lo"], row["k"][k]["hi"])) for n, row in methods.items()}
+    seeds0 = list(methods[frontier[0]]["seeds"])
+    seed_pts = {label[n]: list(zip(row["k"][1]["per_seed"], row["k"][k]["per_seed"]))
+                for n, row in methods.items() if list(row["seeds"]) == seeds0}
+    base = analysis.get("base") or {}
+    base_xy = (float(base[1]["mean"]), float(base[k]["mean"])) if 1 in base and k in base else None
+    front = [label[f] for f in frontier]
+    plot_pareto_frontier(points, front, Path(out_dir) / "pareto_frontier.png", k=k, base=base_xy,
+                         seed_points=seed_pts)
+    gaps = frontier_gaps(points, front, seed_pts)
+    lines = [f"## pass@1 vs pass@{k}: the frontier of {', '.join(front)}", "",
+             f"![pass@1 vs pass@{k} frontier](pareto_frontier.png)", "",
+             f"| method | pass@{k} − frontier at its pass@1 (mean) | over seeds (t, 95 %) | where |", "|---|---|---|---|"]
+    for lab, g in gaps.items():
+        per = g["seed_gaps"]
+        iv = "—"
+        where = g["side"] if g["gap"] is None else ("outside" if g["gap"] > 0 else "inside")
+        if per and len(per) > 1:
+            m, sd = sum(per) / len(per), float(np.std(per, ddof=1))
+            half = float(sps.t.ppf(0.975, len(per) - 1)) * sd / math.sqrt(len(per))
+            iv = f"{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]"
+            where = "outside" if m - half > 0 else "inside" if m + half < 0 else "on (interval contains 0)"
+        lines.append(f"| {lab} | {_signed(g['gap'])} | {iv} | "
+                     f"{where} |")
+    return lines + [""]
 
 
 def read_jsonl(path: str | Path) -> List[Dict[str, Any]]:

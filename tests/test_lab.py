@@ -181,3 +181,149 @@ def test_cli_complexity_quick_writes_report_and_json(tmp_path):
     assert 0 < n64 < n1
     with pytest.raises(SystemExit):
         main(["phase9"])
+
+
+# ------------------------------------------------------------------ issue 20: the keep-pass@1 phase and its parts
+def test_reference_term_is_the_exact_kl_descent_direction_and_keeps_the_policy_near_its_start():
+    """ref_term is −∂/∂logits of KL(π_ref‖π) (forward) and KL(π‖π_ref) (reverse), checked by finite differences; a
+    run with the term ends closer to the initial policy than the same run without it."""
+    from passk_rl.lab.env import softmax
+    from passk_rl.lab.train import ref_term
+
+    rng = np.random.default_rng(0)
+    z, z0 = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    pi, pi0 = softmax(z), softmax(z0)
+    kls = {"forward": lambda q: (pi0 * (np.log(pi0) - np.log(q))).sum(1),
+           "reverse": lambda q: (q * (np.log(q) - np.log(pi0))).sum(1)}
+    for kind, kl in kls.items():
+        fd = np.zeros_like(z)
+        for j in range(5):
+            e = np.zeros(5)
+            e[j] = 1e-6
+            fd[:, j] = (kl(softmax(z + e)) - kl(softmax(z - e))) / 2e-6
+        np.testing.assert_allclose(ref_term(pi, pi0, kind), -fd, atol=1e-7)
+    cfg = EnvConfig(n_prompts=16, n_answers=8, policy="tabular")
+    pop = Population(cfg, seed=0)
+    gained = {}
+    for coef in (0.0, 0.5):
+        h = train(pop, Method("rloo", "rloo", ref_coef=coef), steps=30, n=8, lr=0.05, seed=0, mode="exact",
+                  eval_every=30, ks=(1,))
+        gained[coef] = h["final"]["train"][1] - h["train"][1][0]
+    assert gained[0.0] > 0.05
+    assert 0 < gained[0.5] < gained[0.0]  # held back towards the start: less pass@1 gained than without the term
+    with pytest.raises(ValueError, match="ref_kind"):
+        Method("x", "rloo", ref_coef=0.1, ref_kind="sideways")
+
+
+def test_per_prompt_k_in_the_lab_gives_each_prompt_the_k_of_its_own_p_hat():
+    cfg = EnvConfig(n_prompts=24, n_answers=8, policy="tabular", difficulty="mixed")
+    pop = Population(cfg, seed=1)
+    m = Method("pp", "pkpo_loo", stats="ema", schedule="per_prompt", schedule_params=(("k_min", 1), ("k_max", 8)))
+    h = train(pop, m, steps=10, n=16, lr=0.05, seed=0, eval_every=1, ks=(1, 8))
+    ku = [float(k) for k in h["k_used"][:-1]]
+    assert all(1.0 <= k <= 8.0 for k in ku)
+    assert any(1.0 < k < 8.0 for k in ku)  # a mean over prompts with different Ks, not one global K
+    assert h["final"]["train"][8] > h["train"][8][0]
+
+
+def test_keep_verdicts_and_frontier_gap_on_synthetic_finals():
+    from passk_rl.lab.keep import frontier_gap, frontier_position, verdicts
+
+    seeds = 4
+    off = np.array([0.0, 0.01, -0.01, 0.0])
+
+    def pt(p1, p8, p32):
+        return {1: p1 + off, 8: p8 + off, 32: p32 + off}
+
+    fin = {"rloo": pt(0.5, 0.6, 0.7), "mix": pt(0.45, 0.65, 0.75), "pkpo@8": pt(0.35, 0.67, 0.8),
+           "good": pt(0.49, 0.64, 0.79), "bad": pt(0.40, 0.61, 0.70)}
+    init = {1: np.full(seeds, 0.2), 8: np.full(seeds, 0.5), 32: np.full(seeds, 0.72)}
+    rows = {r["method"]: r for r in verdicts(fin, init, list(fin))}
+    assert rows["good"]["all"] and rows["good"]["d8"]["mean"] == pytest.approx(0.04)
+    assert not rows["mix"]["pass1_kept"] and rows["mix"]["pass8_ahead"]
+    assert not rows["bad"]["pass32_kept"] and not rows["rloo"]["pass8_ahead"]
+    front = ["rloo", "mix", "pkpo@8"]
+    # frontier at pass@1 0.49: 0.7 + (0.01/0.05) * 0.05 = 0.71 -> good is 0.08 above, in every seed
+    g = frontier_gap(fin, front, "good")
+    assert g["mean"] == pytest.approx(0.08) and g["lo"] > 0
+    assert frontier_position(fin, front, "good").startswith("outside")
+    assert frontier_position(fin, front, "bad").startswith("inside")
+
+
+def test_pareto_frontier_plot_and_gaps_on_synthetic_numbers(tmp_path):
+    from passk_rl import plots
+
+    def iv(x):
+        return (x, x - 0.02, x + 0.02)
+
+    points = {"rloo": (iv(0.30), iv(0.65)), "w75": (iv(0.26), iv(0.75)), "pkpo": (iv(0.19), iv(0.84)),
+              "above": (iv(0.28), iv(0.78)), "below": (iv(0.22), iv(0.70)), "right": (iv(0.35), iv(0.60))}
+    gaps = plots.frontier_gaps(points, ["pkpo", "rloo", "w75"])
+    assert gaps["above"]["gap"] == pytest.approx(0.78 - 0.70) and gaps["above"]["side"] == "within"
+    # below: between pkpo (0.19, 0.84) and w75 (0.26, 0.75) at 0.22 -> 0.84 - 0.09 * 3/7
+    assert gaps["below"]["gap"] == pytest.approx(0.70 - (0.84 - 0.09 * 3 / 7))
+    assert gaps["right"]["gap"] is None and gaps["right"]["side"] == "right"
+    assert set(gaps) == {"above", "below", "right"}
+    seeds = {"rloo": [(0.3, 0.65), (0.31, 0.66)], "w75": [(0.26, 0.75), (0.25, 0.76)],
+             "pkpo": [(0.19, 0.84), (0.2, 0.83)], "above": [(0.28, 0.78), (0.27, 0.8)]}
+    g2 = plots.frontier_gaps(points, ["rloo", "w75", "pkpo"], seeds)
+    assert g2["above"]["seed_gaps"][0] == pytest.approx(0.78 - 0.70)
+    # seed 1: x = 0.27 lies between w75 (0.25, 0.76) and rloo (0.31, 0.66) of that seed's own frontier
+    assert g2["above"]["seed_gaps"][1] == pytest.approx(0.8 - (0.76 + (0.66 - 0.76) * (0.27 - 0.25) / (0.31 - 0.25)))
+    assert g2["below"]["seed_gaps"] is None  # no per-seed points for it
+    path = plots.plot_pareto_frontier(points, ["rloo", "w75", "pkpo"], tmp_path / "f.png", k=32, base=(0.15, 0.83),
+                                      seed_points=seeds)
+    assert path.is_file() and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="frontier"):
+        plots.frontier_gaps(points, ["rloo"])
+    with pytest.raises(ValueError, match="missing"):
+        plots.frontier_gaps(points, ["rloo", "nope"])
+
+
+def test_frontier_section_for_the_experiment_report(tmp_path):
+    """The hook experiment.write_report calls: a figure and one row per non-frontier method, with a seed interval
+    when the method shares the frontier's seeds."""
+    from passk_rl import plots
+
+    def row(label, seeds, p1, p32):
+        def iv(xs):
+            m = float(np.mean(xs))
+            return {"mean": m, "lo": m - 0.02, "hi": m + 0.02, "per_seed": list(xs)}
+        return {"label": label, "seeds": seeds, "k": {1: iv(p1), 32: iv(p32)}}
+
+    s5 = [0, 1, 2, 3, 4]
+    a = {"big_k": 32, "base": {1: {"mean": 0.15}, 32: {"mean": 0.83}},
+         "methods": {"rloo": row("rloo", s5, [0.30, 0.31, 0.29, 0.30, 0.30], [0.65] * 5),
+                     "pkpo_k8": row("pkpo_k8", s5, [0.19] * 5, [0.84] * 5),
+                     "rs": row("rs", s5, [0.28, 0.29, 0.27, 0.28, 0.28], [0.79, 0.80, 0.78, 0.79, 0.80]),
+                     "one": row("one", [0], [0.25], [0.60])}}
+    lines = plots.frontier_section(a, ["rloo", "pkpo_k8"], tmp_path)
+    assert (tmp_path / "pareto_frontier.png").is_file()
+    text = "\n".join(lines)
+    rs_line = next(line for line in lines if line.startswith("| rs |"))
+    assert "outside" in rs_line and "[" in rs_line  # a seed interval, entirely above 0
+    one_line = next(line for line in lines if line.startswith("| one |"))
+    assert "inside" in one_line and "| — |" in one_line  # one seed: no interval
+    assert "pareto_frontier.png" in text
+
+
+def test_keep_pass1_experiment_file_resolves_every_run_and_names_its_frontier(tmp_path):
+    from passk_rl.experiment import ExperimentError, Planner, load_experiment
+
+    spec = load_experiment("configs/experiments/passk_keep_pass1.yaml")
+    assert spec.frontier[0] == "rloo" and spec.frontier[-1] == "pkpo_k8"
+    planner = Planner(spec)
+    runs = planner.check_all()
+    shapings = {r.cfg.algorithm.shaping for r in runs}
+    assert {"rs_grpo", "w_reinforce", "pkpo_loo", "multi_k", "rloo"} <= shapings
+    kinds = {r.cfg.schedule.kind for r in runs}
+    assert {"two_stage", "per_prompt"} <= kinds
+    assert {r.cfg.run.steps for r in runs} == {55, 150}
+    import yaml
+
+    raw = yaml.safe_load(open("configs/experiments/passk_keep_pass1.yaml"))
+    raw["frontier"] = ["rloo", "nope"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ExperimentError, match="frontier: unknown method 'nope'"):
+        load_experiment(bad)

@@ -19,8 +19,9 @@ def shaping_module():
     return shaping
 
 
-def shape_fn(name: str, *, k: int, params: Optional[Dict[str, Any]] = None) -> ShapeFn:
-    """numpy wrapper around ``passk_rl.shaping.shape(name, rewards, k=k, p_hat=…, **params)`` in float64."""
+def shape_fn(name: str, *, k: Any, params: Optional[Dict[str, Any]] = None) -> ShapeFn:
+    """numpy wrapper around ``passk_rl.shaping.shape(name, rewards, k=k, p_hat=…, **params)`` in float64; ``k`` may be
+    a per-row (G,) array (the per-prompt K schedule)."""
     shaping = shaping_module()
     if name not in shaping.SHAPINGS:
         raise ValueError(f"unknown shaping {name!r}; the math core has {sorted(shaping.SHAPINGS)}")

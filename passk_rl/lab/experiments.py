@@ -7,11 +7,11 @@ import platform
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from passk_rl.lab import phases, theory
+from passk_rl.lab import keep, phases, theory
 from passk_rl.lab.budget import Budget, make_budget
 from passk_rl.lab.report import write
 
-EXPERIMENTS = ("bias", "variance", "phase1", "phase2", "phase3", "complexity")
+EXPERIMENTS = ("bias", "variance", "phase1", "phase2", "phase3", "complexity", "keep")
 
 INTRO = """**The simulator.** A population of prompts, each with a softmax policy over a finite set of answers (2 of 32
 correct), binary rewards, and initial success rates drawn from a mixed difficulty distribution (45 % of prompts
@@ -43,6 +43,8 @@ def run_one(name: str, out_dir: str, b: Budget, cache: Dict) -> Dict[str, Any]:
         return phases.exp_phase2(out_dir, b, cache)
     if name == "phase3":
         return phases.exp_phase3(out_dir, b, cache)
+    if name == "keep":
+        return keep.exp_keep(out_dir, b, cache)
     raise ValueError(f"unknown experiment {name!r}; choose from {EXPERIMENTS + ('all',)}")
 
 

@@ -32,7 +32,12 @@ class Method:
     (the true p_x: an independent, noiseless p̂) or "stats" (``passk_rl.stats`` estimator ``stats``, read
     *before* it sees the current group, so it is independent of it).
     schedule: optional ``passk_rl.schedule`` name; when set, K (or multi-K weights) comes from it each step,
-    driven by the global p̂ of the ``stats`` estimator.
+    driven by the global p̂ of the ``stats`` estimator (a per-prompt schedule: each prompt's own p̂, read before
+    its group is folded in, as the central p̂ actor does).
+    ref_coef / ref_kind: a reference-policy term added to the update, coef × the ascent direction of −D(π_ref, π)
+    with π_ref the initial policy, computed exactly per prompt: "forward" = KL(π_ref ‖ π) (DPH-RL's mass-covering
+    penalty, arXiv 2509.07430; logit gradient π − π_ref), "reverse" = KL(π ‖ π_ref) (GRPO's k3 penalty in
+    expectation; logit gradient π ⊙ (log π/π_ref − KL)). Lab only: the real loss lives in the learner.
     """
 
     label: str
@@ -44,8 +49,13 @@ class Method:
     stats_params: tuple = ()
     schedule: str = ""
     schedule_params: tuple = ()
+    ref_coef: float = 0.0
+    ref_kind: str = "forward"
 
     def __post_init__(self):
+        if self.ref_kind not in ("forward", "reverse") or not self.ref_coef >= 0:
+            raise ValueError(f"Method {self.label}: ref_kind must be forward|reverse and ref_coef >= 0, got "
+                             f"{self.ref_kind!r}, {self.ref_coef!r}")
         if self.p_hat not in ("group", "oracle", "stats"):
             raise ValueError(f"Method {self.label}: p_hat must be group|oracle|stats, got {self.p_hat!r}")
         if (self.p_hat == "stats" or self.schedule) and not self.stats:
@@ -92,6 +102,15 @@ def make_optimizer(name: str, size: int, *, lr: float):
     raise ValueError(f"unknown optimizer {name!r}; choose adam or sgd")
 
 
+def ref_term(pi: np.ndarray, pi0: np.ndarray, kind: str) -> np.ndarray:
+    """Per-prompt logit direction (P, M) that lowers the divergence from the reference policy pi0."""
+    if kind == "forward":  # -d/dz KL(pi0 || softmax z) = pi0 - pi
+        return pi0 - pi
+    log_ratio = np.log(np.maximum(pi, 1e-300)) - np.log(np.maximum(pi0, 1e-300))
+    kl = (pi * log_ratio).sum(axis=1, keepdims=True)
+    return -pi * (log_ratio - kl)  # -d/dz KL(softmax z || pi0)
+
+
 def train(pop: Population, method: Method, *, steps: int, n: int, lr: float, seed: int, mode: str = "stochastic",
           optimizer: str = "adam", eval_every: int = 10, ks: Sequence[int] = EVAL_KS,
           test_pop: Optional[Population] = None, stop_at: Optional[Dict] = None) -> Dict:
@@ -108,6 +127,7 @@ def train(pop: Population, method: Method, *, steps: int, n: int, lr: float, see
         raise ValueError(f"Method {method.label}: exact mode needs p_hat group|oracle and no schedule")
     rng = np.random.default_rng(seed)
     params = pop.init_params()
+    pi0 = pop.probs(params)
     opt = make_optimizer(optimizer, params.size, lr=lr)
     P = pop.cfg.n_prompts
     ids = [f"x{i}" for i in range(P)]  # passk_rl.stats keys prompts by string id
@@ -154,12 +174,17 @@ def train(pop: Population, method: Method, *, steps: int, n: int, lr: float, see
                 stats.update(ids, rewards)
                 warmed = True
         shaping, k, extra = method.shaping, method.k, _kw(method.params)
+        k_rows = None
         if sched is not None:
             p_glob = float(stats.global_value())
-            k, weights = core.decision(sched.next(p_glob, step=step, n=n))
-            if weights is not None:
-                shaping, extra = "multi_k", {**extra, "weights": weights}
-        k_now = k
+            if getattr(sched, "per_prompt", False):
+                dec = sched.next_rows(core.to_numpy(stats.value(ids)).tolist(), p_global=p_glob, step=step, n=n)
+                k_rows, k = np.asarray(dec.k_rows, dtype=np.int64), int(dec.k)
+            else:
+                k, weights = core.decision(sched.next(p_glob, step=step, n=n))
+                if weights is not None:
+                    shaping, extra = "multi_k", {**extra, "weights": weights}
+        k_now = float(k_rows.mean()) if k_rows is not None else k
         if step % eval_every == 0:
             record(step, pi, p, k_now, p_glob)
         if shaping == "pkpo_loo_minus_one" and k == 1:
@@ -167,9 +192,12 @@ def train(pop: Population, method: Method, *, steps: int, n: int, lr: float, see
         if method.p_hat == "oracle" and core.uses_p_hat(shaping):
             extra = {"p_clip": 0.0, **extra}  # the true p needs no guard against estimates near 0 or 1
         key = (shaping, k, tuple(sorted((a, str(b)) for a, b in extra.items())))
-        if key not in shape_cache:
-            shape_cache[key] = core.shape_fn(shaping, k=k, params=extra)
-        fn = shape_cache[key]
+        if k_rows is not None:  # one K per prompt: not cacheable, and cheap to build
+            fn = core.shape_fn(shaping, k=k_rows, params=extra)
+        else:
+            if key not in shape_cache:
+                shape_cache[key] = core.shape_fn(shaping, k=k, params=extra)
+            fn = shape_cache[key]
         if mode == "exact":
             if method.p_hat == "oracle":
                 Ap, Am = advantage_table(fn, n, p_hat=p)
@@ -189,6 +217,8 @@ def train(pop: Population, method: Method, *, steps: int, n: int, lr: float, see
             if stats is not None and not warmed:
                 stats.update(ids, rewards)
             G = pop.logit_grad_from_samples(pi, answers, adv)
+        if method.ref_coef > 0:
+            G = G + method.ref_coef * ref_term(pi, pi0, method.ref_kind)
         params = opt.step(params, pop.param_grad(G))
         if not np.all(np.isfinite(params)):
             raise FloatingPointError(f"{method.label}: parameters became non-finite at step {step}")
