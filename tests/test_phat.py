@@ -146,3 +146,39 @@ def test_per_prompt_k_comes_from_each_prompts_own_history():
     assert svc.history[-1]["k_mean"] == 4.5
     with pytest.raises(ValueError, match="needs K >= 2"):
         PHatService(estimator="ema", schedule="per_prompt", n=16, shaping="pkpo_loo_minus_one")
+
+
+def test_the_trainer_shapes_each_group_with_its_own_k_from_the_decision():
+    """Trainer.shaping_args hands the decision's k_rows to shape_masked as a per-row K, and the step's guard
+    accepts them (plain Trainer and PHatService: no actor needed)."""
+    from pathlib import Path
+
+    import torch
+
+    from passk_rl import shaping
+    from passk_rl.config import load_config
+    from passk_rl.tasks import Prompt
+    from passk_rl.trainer import Trainer
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs/tiny_cpu.yaml", ["run.output_dir=/tmp/passk_rl_phat_test", "generator.n=16",
+                                                       "algorithm.shaping=pkpo_loo", "schedule.kind=per_prompt",
+                                                       "schedule.params={k_min: 1, k_max: 8}"])
+    tr = Trainer(cfg)
+    svc = PHatService(estimator="ema", schedule="per_prompt", schedule_params={"k_min": 1, "k_max": 8}, n=16,
+                      shaping="pkpo_loo")
+    rng = np.random.default_rng(0)
+    p = np.array([0.02, 0.1, 0.5, 0.9])
+    ids = [f"q{i}" for i in range(4)]
+    for step in range(3):
+        r = (rng.random((4, 16)) < p[:, None]).astype(np.float64)
+        dec = svc.observe(ids, r, step=step)
+    k_arg, params, p_hat = tr.shaping_args(dec)
+    assert list(k_arg) == dec.k_rows and len(set(dec.k_rows)) > 1
+    keep = np.ones_like(r, dtype=bool)
+    adv = shaping.shape_masked("pkpo_loo", r, keep, k=k_arg, **params)
+    for i in range(4):
+        alone = shaping.shape("pkpo_loo", torch.tensor(r[i:i + 1]), k=dec.k_rows[i]).numpy()
+        np.testing.assert_allclose(adv[i:i + 1], alone, atol=1e-12)
+    prompts = [Prompt(id=i, text="t", answer=None) for i in ids]
+    assert tr.check_advantages(0, prompts, r, adv, k_arg, params) is False
