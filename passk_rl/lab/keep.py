@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from passk_rl.lab.budget import Budget
-from passk_rl.lab.ci import excludes_zero, fmt_ci, mean_ci
+from passk_rl.lab.ci import fmt_ci, mean_ci
 from passk_rl.lab.env import pass_at_k_exact
 from passk_rl.lab.phases import envs, setup_text
 from passk_rl.lab.report import figure, pyplot

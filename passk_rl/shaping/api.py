@@ -2,7 +2,6 @@
 outside p_hat into what an n-sample group can express, and a per-row K."""
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, Callable
 
