@@ -423,7 +423,7 @@ class Runner:
 
 
 def _weights_sha(model_dir: Path) -> str:
-    from passk_rl.checkpoint import sha256_file
+    from passk_rl.files import sha256_file
 
     return sha256_file(Path(model_dir) / "model.safetensors")
 
