@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import yaml
 
-from passk_rl.config import Config, ConfigError, config_from_dict, dump_yaml, load_config, to_dict
+from passk_rl import evaluation
+from passk_rl.config import Config, ConfigError, config_from_dict, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -509,23 +509,16 @@ def execute(spec: ExperimentSpec, *, until: str = "report", force: bool = False,
 
 
 def _base_model_path(planner: Planner) -> str:
-    from passk_rl.trainer import resolve_model_path
+    from passk_rl.models.resolve import resolve_model
 
-    return resolve_model_path(planner.run(planner.spec.methods[0].name, planner.spec.tune.lrs[0],
-                                          planner.spec.tune.seed).cfg.model.path)
+    return resolve_model(planner.run(planner.spec.methods[0].name, planner.spec.tune.lrs[0],
+                                     planner.spec.tune.seed).cfg.model.path, key="model.path").path
 
 
 # ================================================================================================ analysis
-def per_prompt(res: Dict[str, Any], k: int) -> np.ndarray:
-    from passk_rl.estimators import pass_at_k
-
-    return np.asarray(pass_at_k(int(res["n"]), np.asarray(res["counts"]), int(k)), dtype=np.float64)
-
-
 def analyse(spec: ExperimentSpec, planner: Planner, oc: Outcome) -> Dict[str, Any]:
-    """Every number of the report: per method (seed × problem intervals), the chosen pair's differences."""
-    from passk_rl.estimators import seed_prompt_interval
-
+    """Every number of the report: per method (seed × problem intervals), the chosen pair's differences
+    (``passk_rl.evaluation``: the pipeline every held-out number goes through)."""
     e = spec.eval
     base = oc.test["base"]
     ids = base["prompt_ids"]
@@ -535,8 +528,8 @@ def analyse(spec: ExperimentSpec, planner: Planner, oc: Outcome) -> Dict[str, An
     big_k = max(k for k in e.ks if k >= spec.k)
     report_ks = sorted({1, spec.k, big_k, *e.ks})
 
-    def matrix(method: str, k: int, seeds: Sequence[int]) -> np.ndarray:
-        return np.stack([per_prompt(oc.test[planner.run(method, oc.chosen_lr[method], s).name], k) for s in seeds])
+    def records(method: str, seeds: Sequence[int]) -> List[Dict[str, Any]]:
+        return [oc.test[planner.run(method, oc.chosen_lr[method], s).name] for s in seeds]
 
     methods: Dict[str, Any] = {}
     for m in spec.methods:
@@ -544,11 +537,9 @@ def analyse(spec: ExperimentSpec, planner: Planner, oc: Outcome) -> Dict[str, An
         row = {"label": m.label or m.name, "lr": oc.chosen_lr[m.name], "seeds": ss,
                "trains_for": planner.trains_for(m.name), "finalist": m.name in oc.finalists, "k": {}}
         for k in report_ks:
-            iv = seed_prompt_interval(matrix(m.name, k, ss), n_boot=spec.n_boot, seed=k)
-            row["k"][k] = dataclasses.asdict(iv)
+            row["k"][k] = dataclasses.asdict(evaluation.interval(records(m.name, ss), k, n_boot=spec.n_boot, seed=k))
         methods[m.name] = row
-    base_row = {k: dataclasses.asdict(seed_prompt_interval(per_prompt(base, k)[None], n_boot=spec.n_boot, seed=k))
-                for k in report_ks}
+    base_row = {k: dataclasses.asdict(evaluation.interval([base], k, n_boot=spec.n_boot, seed=k)) for k in report_ks}
 
     t = spec.tune
 
@@ -562,10 +553,12 @@ def analyse(spec: ExperimentSpec, planner: Planner, oc: Outcome) -> Dict[str, An
     if best_base and best_cand:
         shared = sorted(set(oc.seeds[best_base]) & set(oc.seeds[best_cand]))
         for k in report_ks:
-            d = matrix(best_cand, k, shared) - matrix(best_base, k, shared)
-            comparison[k] = dataclasses.asdict(seed_prompt_interval(d, n_boot=spec.n_boot, seed=1000 + k))
-        vs_base = matrix(best_cand, big_k, oc.seeds[best_cand]) - per_prompt(base, big_k)[None]
-        comparison["vs_base_at_big_k"] = dataclasses.asdict(seed_prompt_interval(vs_base, n_boot=spec.n_boot, seed=7))
+            d = evaluation.difference(records(best_cand, shared), records(best_base, shared), k, n_boot=spec.n_boot,
+                                      seed=1000 + k)
+            comparison[k] = dataclasses.asdict(d)
+        vs_base = evaluation.difference(records(best_cand, oc.seeds[best_cand]), [base], big_k, n_boot=spec.n_boot,
+                                        seed=7)
+        comparison["vs_base_at_big_k"] = dataclasses.asdict(vs_base)
         comparison["seeds"] = shared
     tuning = {}
     for m in spec.methods:
