@@ -91,7 +91,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
-    name: str = "arith"  # a registered task (passk_rl/tasks): arith, gsm8k, math, code, faulty
+    name: str = "arith"  # a registered task (passk_rl/tasks, or a module in $PASSK_RL_TASK_MODULES): arith, gsm8k, math, code
     # the task's own options (arith: seed, num_count, val_size, ...; gsm8k: file paths)
     params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     train_split: str = "train"  # the split RL trains on
