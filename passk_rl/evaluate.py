@@ -90,8 +90,7 @@ def default_label(spec: str, run_dir: Optional[str]) -> str:
     return Path(run_dir or spec.rstrip("/")).name or "model"
 
 
-def resolve_models(specs: Sequence[str], labels: Optional[Sequence[str]] = None, *,
-                   check: bool = True) -> List[ModelRef]:
+def resolve_models(specs: Sequence[str], labels: Optional[Sequence[str]] = None) -> List[ModelRef]:
     """Resolve every model (and its label) before anything starts; raise on the first bad one."""
     if not specs:
         raise ValueError("no --model given")
@@ -100,7 +99,7 @@ def resolve_models(specs: Sequence[str], labels: Optional[Sequence[str]] = None,
                          f"or none")
     refs, seen = [], set()
     for i, spec in enumerate(specs):
-        m = resolve_model(spec, key="--model", check=check)
+        m = resolve_model(spec, key="--model")
         path, run_dir = m.path, m.run_dir
         label = _safe_label(labels[i] if labels else default_label(spec, run_dir))
         if label in seen:
