@@ -20,12 +20,13 @@ so a save of a 30 GB checkpoint is not slowed by a full read-back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
+
+from passk_rl.files import fsync_path, sha256_file, write_atomic
 
 MANIFEST = "MANIFEST.json"
 MARKER = "COMPLETE"
@@ -38,38 +39,10 @@ def step_name(step: int) -> str:
     return f"{PREFIX}{int(step):06d}"
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(root: Path) -> Iterator[Path]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name not in (MANIFEST, MARKER):
             yield p
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def staging_dir(root: Path, step: int) -> Path:
@@ -86,11 +59,11 @@ def commit(root: Path, tmp: Path, step: int, *, keep: int) -> Path:
     root = Path(root)
     manifest: Dict[str, List] = {}
     for f in _files(tmp):
-        _fsync_path(f)
+        fsync_path(f)
         size = f.stat().st_size
         manifest[str(f.relative_to(tmp))] = [size, sha256_file(f) if size <= HASH_LIMIT else None]
     for d in sorted({f.parent for f in _files(tmp)} | {tmp}, key=lambda p: len(p.parts), reverse=True):
-        _fsync_path(d)
+        fsync_path(d)
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=0, sort_keys=True))
     write_atomic(tmp / MARKER, "ok\n")
     final = root / step_name(step)
@@ -99,7 +72,7 @@ def commit(root: Path, tmp: Path, step: int, *, keep: int) -> Path:
         os.rename(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.rename(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     write_atomic(root / LATEST, final.name + "\n")
     for old in complete(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)

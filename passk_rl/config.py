@@ -91,7 +91,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
-    name: str = "arith"  # a registered task (passk_rl/tasks): arith, gsm8k, math, code, faulty
+    name: str = "arith"  # a registered task (passk_rl/tasks, or a module in $PASSK_RL_TASK_MODULES): arith, gsm8k, math, code
     # the task's own options (arith: seed, num_count, val_size, ...; gsm8k: file paths)
     params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     train_split: str = "train"  # the split RL trains on
@@ -406,56 +406,75 @@ def dump_yaml(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------------------- cross checks
+# The one place each numeric bound is written: ``validate`` checks a whole config against it, and a component built
+# without a config (tests, library use) checks its own argument with ``check_field`` instead of restating the bound.
+BOUNDS: Dict[str, Any] = {
+    "run.steps": lambda v: v >= 0,
+    "data.prompts_per_step": lambda v: v >= 1,
+    "data.max_prompts": lambda v: v >= 0,
+    "generator.num_engines": lambda v: v >= 1,
+    "generator.tensor_parallel_size": lambda v: v >= 1,
+    "generator.n": lambda v: v >= 1,
+    "generator.max_tokens": lambda v: v >= 1,
+    "generator.temperature": lambda v: v > 0,
+    "generator.top_p": lambda v: 0 < v <= 1,
+    "generator.kv_cache_gib": lambda v: v > 0,
+    "generator.gpu_memory_utilization": lambda v: 0 < v <= 1,
+    "verifier.num_workers": lambda v: v >= 1,
+    "generator.max_restarts": lambda v: v >= 0,
+    "verifier.max_unverified_frac": lambda v: 0 < v <= 1,
+    "verifier.health_window": lambda v: v >= 1,
+    "verifier.chunks_per_worker": lambda v: v >= 1,
+    "verifier.grace_s": lambda v: v >= 0,
+    "verifier.startup_timeout_s": lambda v: v > 0,
+    "verifier.timeout_s": lambda v: v > 0,
+    "learner.world_size": lambda v: v >= 1,
+    "learner.lr": lambda v: v > 0,
+    "learner.micro_batch_size": lambda v: v >= 1,
+    "learner.ppo_epochs": lambda v: v >= 1,
+    "learner.mini_batches": lambda v: v >= 1,
+    "learner.eps": lambda v: v > 0,
+    "learner.is_cap": lambda v: v > 1,
+    "learner.grad_clip": lambda v: v > 0,
+    "learner.dual_clip": lambda v: v is None or v > 1,
+    "learner.max_response_len": lambda v: v is None or v >= 1,
+    "sync.keep_last": lambda v: v >= 1,
+    "sync.bucket_mb": lambda v: v >= 0,
+    "sync.timeout_s": lambda v: v > 0,
+    "learner.kl_coef": lambda v: v >= 0,
+    "learner.clip_low": lambda v: v >= 0,
+    "learner.clip_high": lambda v: v >= 0,
+    "model.max_model_len": lambda v: v >= 8,
+    "eval.n": lambda v: v >= 1,
+    "eval.num_prompts": lambda v: v >= 1,
+    "run.checkpoint_interval": lambda v: v >= 0,
+    "run.keep_checkpoints": lambda v: v >= 1,
+    "guard.max_advantage_ratio": lambda v: v >= 1,
+    "guard.max_grad_norm": lambda v: v > 0,
+    "guard.max_bad_steps": lambda v: v >= 1,
+}
+
+
+def check_field(key: str, value: Any) -> None:
+    """ConfigError naming ``key`` when ``value`` is outside the bound or the choices of that config key."""
+    section, name = key.split(".")
+    cls = typing.get_type_hints(Config).get(section)
+    sub = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if name not in sub:
+        raise ConfigError(f"check_field: no config key {key!r}")
+    choices = sub[name].metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {list(choices)}")
+    if key in BOUNDS and not BOUNDS[key](value):
+        raise ConfigError(f"{key}: invalid value {value!r}")
+
+
 def _positive(cfg: Config) -> None:
-    checks = {
-        "run.steps": cfg.run.steps >= 0,
-        "data.prompts_per_step": cfg.data.prompts_per_step >= 1,
-        "data.max_prompts": cfg.data.max_prompts >= 0,
-        "generator.num_engines": cfg.generator.num_engines >= 1,
-        "generator.tensor_parallel_size": cfg.generator.tensor_parallel_size >= 1,
-        "generator.n": cfg.generator.n >= 1,
-        "generator.max_tokens": cfg.generator.max_tokens >= 1,
-        "generator.temperature": cfg.generator.temperature > 0,
-        "generator.top_p": 0 < cfg.generator.top_p <= 1,
-        "generator.kv_cache_gib": cfg.generator.kv_cache_gib > 0,
-        "generator.gpu_memory_utilization": 0 < cfg.generator.gpu_memory_utilization <= 1,
-        "verifier.num_workers": cfg.verifier.num_workers >= 1,
-        "generator.max_restarts": cfg.generator.max_restarts >= 0,
-        "verifier.max_unverified_frac": 0 < cfg.verifier.max_unverified_frac <= 1,
-        "verifier.health_window": cfg.verifier.health_window >= 1,
-        "verifier.chunks_per_worker": cfg.verifier.chunks_per_worker >= 1,
-        "verifier.grace_s": cfg.verifier.grace_s >= 0,
-        "verifier.startup_timeout_s": cfg.verifier.startup_timeout_s > 0,
-        "verifier.timeout_s": cfg.verifier.timeout_s > 0,
-        "learner.world_size": cfg.learner.world_size >= 1,
-        "learner.lr": cfg.learner.lr > 0,
-        "learner.micro_batch_size": cfg.learner.micro_batch_size >= 1,
-        "learner.ppo_epochs": cfg.learner.ppo_epochs >= 1,
-        "learner.mini_batches": cfg.learner.mini_batches >= 1,
-        "learner.eps": cfg.learner.eps > 0,
-        "learner.is_cap": cfg.learner.is_cap > 1,
-        "learner.grad_clip": cfg.learner.grad_clip > 0,
-        "learner.dual_clip": cfg.learner.dual_clip is None or cfg.learner.dual_clip > 1,
-        "learner.max_response_len": cfg.learner.max_response_len is None or cfg.learner.max_response_len >= 1,
-        "sync.keep_last": cfg.sync.keep_last >= 1,
-        "sync.bucket_mb": cfg.sync.bucket_mb >= 0,
-        "sync.timeout_s": cfg.sync.timeout_s > 0,
-        "learner.kl_coef": cfg.learner.kl_coef >= 0,
-        "learner.clip_low": cfg.learner.clip_low >= 0,
-        "learner.clip_high": cfg.learner.clip_high >= 0,
-        "model.max_model_len": cfg.model.max_model_len >= 8,
-        "eval.n": cfg.eval.n >= 1,
-        "eval.num_prompts": cfg.eval.num_prompts >= 1,
-        "run.checkpoint_interval": cfg.run.checkpoint_interval >= 0,
-        "run.keep_checkpoints": cfg.run.keep_checkpoints >= 1,
-        "guard.max_advantage_ratio": cfg.guard.max_advantage_ratio >= 1,
-        "guard.max_grad_norm": cfg.guard.max_grad_norm > 0,
-        "guard.max_bad_steps": cfg.guard.max_bad_steps >= 1,
-    }
-    for key, ok in checks.items():
-        if not ok:
-            section, name = key.split(".")
-            raise ConfigError(f"{key}: invalid value {getattr(getattr(cfg, section), name)!r}")
+    for key, ok in BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}: invalid value {value!r}")
     if len(cfg.learner.betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.betas):
         raise ConfigError(f"learner.betas: expected two numbers in [0, 1), got {cfg.learner.betas}")
 

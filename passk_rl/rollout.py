@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from passk_rl.config import check_field
 from passk_rl.tasks import Prompt
 
 
@@ -47,8 +48,7 @@ class RolloutStage:
     def __init__(self, *, gen: Any, verifier: Any, task: Any, tokenizer: Any, draw: Callable[[], List[Prompt]],
                  order_state: Callable[[], tuple], n: int, temperature: float, top_p: float, max_tokens: int,
                  seed: int, max_staleness: int = 0):
-        if max_staleness not in (0, 1):
-            raise ValueError(f"max_staleness must be 0 or 1, got {max_staleness}")
+        check_field("algorithm.max_staleness", max_staleness)
         self.gen, self.verifier, self.task, self.tokenizer = gen, verifier, task, tokenizer
         self.draw, self.order_state = draw, order_state
         self.n, self.temperature, self.top_p, self.max_tokens, self.seed = n, temperature, top_p, max_tokens, seed

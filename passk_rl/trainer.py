@@ -24,34 +24,12 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from passk_rl import shaping
+from passk_rl import evaluation, shaping
 from passk_rl.config import Config, dump_yaml, to_dict
 from passk_rl.metrics import PHASES, PhaseTimer, Trackers, batch_pass_at_k
+from passk_rl.models.resolve import resolve_model
 from passk_rl.rollout import RolloutStage
 from passk_rl.tasks import STATUSES, Prompt, make_task
-
-
-def resolve_model_path(path: str) -> str:
-    """``builtin:arith-base`` → the tiny base model committed in the package (checked); else the path as given.
-
-    The built-in model is the seed-0 build whatever the run's seed: runs with different seeds start from the
-    same weights, on every machine, which is what comparing their final pass@k against the base needs.
-    """
-    if path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        if name != "arith-base":
-            raise ValueError(f"model.path: unknown built-in model {name!r}; known: ['arith-base']")
-        from passk_rl.tasks.make_base import builtin_base_model
-
-        return str(builtin_base_model())
-    p = Path(path)
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model.path: {p} has no config.json (expected a Hugging Face model directory)")
-        return str(p.resolve())
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in path:
-        raise FileNotFoundError(f"model.path: {path!r} is not a local directory and cannot be fetched offline")
-    return path  # a hub id: vLLM/transformers fetch or read it from the local HF cache
 
 
 def init_ray(cfg: Config) -> bool:
@@ -70,18 +48,6 @@ def _json_state(state: Any) -> Any:
 
 def _tuple_state(state: Any) -> Any:
     return tuple(_tuple_state(x) for x in state) if isinstance(state, list) else state
-
-
-def paired_change(before: Dict[str, Any], after: Dict[str, Any], *, seed: int = 0) -> Dict[str, Any]:
-    """Per-k change in held-out pass@k between two evaluations of the same prompts, with a paired bootstrap
-    interval over prompts: {"k": {"mean", "lo", "hi"}}."""
-    from passk_rl.estimators import pass_at_k_paired_diff
-
-    if before["prompt_ids"] != after["prompt_ids"] or before["n"] != after["n"]:
-        raise ValueError("paired_change: the two evaluations used different prompts or n")
-    ks = [int(k) for k in before["pass_at_k"] if k in after["pass_at_k"]]
-    r = pass_at_k_paired_diff(before["n"], before["counts"], after["counts"], ks, seed=seed)
-    return {str(k): {"mean": float(r.mean[i]), "lo": float(r.lo[i]), "hi": float(r.hi[i])} for i, k in enumerate(ks)}
 
 
 class TrainingAborted(RuntimeError):
@@ -163,7 +129,7 @@ class Trainer:
         self.eval_prompts = self.task.prompts(cfg.task.eval_split)[: cfg.eval.num_prompts]
         if not self.train_prompts:
             raise ValueError(f"task {cfg.task.name!r} has no prompts in split {cfg.task.train_split!r}")
-        self.model_path = resolve_model_path(cfg.model.path)
+        self.model_path = resolve_model(cfg.model.path, key="model.path", hub=True).path
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -269,7 +235,7 @@ class Trainer:
                 self.save_checkpoint(cfg.run.steps, final=True)
             if cfg.eval.enabled:
                 summary["final_eval"] = self.evaluate(step=cfg.run.steps)
-                summary["change"] = paired_change(summary["base_eval"], summary["final_eval"], seed=cfg.run.seed)
+                summary["change"] = evaluation.change(summary["base_eval"], summary["final_eval"], seed=cfg.run.seed)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         try:
             from passk_rl.plots import plot_run
@@ -504,15 +470,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- eval
     def evaluate(self, *, step: int) -> Dict[str, Any]:
-        from passk_rl.evaluate import evaluate_pool
-
         e = self.cfg.eval
         t0 = time.perf_counter()
-        res = evaluate_pool(self.gen, self.verifier, self.task, self.eval_prompts, tokenizer=self.tokenizer,
-                            n=e.n, ks=e.ks, temperature=e.temperature, max_tokens=self.cfg.generator.max_tokens,
-                            # The same sampling seeds at every evaluation (common random numbers): the
-                            # difference between two evaluations then carries less sampling noise.
-                            seed=self.cfg.run.seed + 7919)
+        res = evaluation.score(self.gen, self.verifier, self.task, self.eval_prompts, tokenizer=self.tokenizer,
+                               n=e.n, ks=e.ks, temperature=e.temperature, max_tokens=self.cfg.generator.max_tokens,
+                               # The same sampling seeds at every evaluation (common random numbers): the
+                               # difference between two evaluations then carries less sampling noise.
+                               seed=self.cfg.run.seed + 7919)
         res["step"] = step
         res["seconds"] = time.perf_counter() - t0
         if self.dash is not None:

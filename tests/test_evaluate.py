@@ -1,13 +1,11 @@
-"""Evaluation tooling: pass@k curves with CIs, plots, run comparison with its verdict, the CLI's argument checks,
-and evaluations through the real generator (vLLM CPU engine) and verifier pools."""
+"""The evaluation pipeline (passk_rl.evaluation: pass@k curves with intervals, paired differences over problems and
+training seeds), the model resolver, plots, the CLI's argument checks, and evaluations through the real generator
+(vLLM CPU engine) and verifier pools."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,8 @@ import pytest
 import yaml
 
 from passk_rl import evaluate as ev
+from passk_rl import evaluation
+from passk_rl.models.resolve import ResolvedModel, resolve_model
 from passk_rl.plots import plot_pareto, plot_pass_at_k, plot_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,17 +31,27 @@ def _is_png(path) -> bool:
     return p.is_file() and p.stat().st_size > 1000 and p.read_bytes()[:8] == PNG_MAGIC
 
 
-# ------------------------------------------------------------------------------------------ curve_dict
+def _rec(n, counts, ids=None):
+    return {"n": n, "counts": [int(c) for c in counts], "prompt_ids": ids or [f"p{i}" for i in range(len(counts))]}
+
+
+def _curve(n, counts, ks, **kw):
+    return {"pass_at_k": evaluation.curve([_rec(n, counts)], ks, **kw)}
+
+
+# ------------------------------------------------------------------------------------------ pipeline
 def test_curve_equals_estimator_on_known_counts():
     assert _rho(8, 2, 4) == pytest.approx(0.785714, abs=1e-6)
-    d = ev.curve_dict(8, [2, 2, 2], [1, 4, 8])["pass_at_k"]
+    d = _curve(8, [2, 2, 2], [1, 4, 8])["pass_at_k"]
     assert d["4"]["mean"] == pytest.approx(0.785714, abs=1e-6)
     assert d["1"]["mean"] == pytest.approx(0.25)
     assert d["8"]["mean"] == pytest.approx(1.0)
     counts = [0, 2, 8, 5, 1]
-    d = ev.curve_dict(8, counts, [1, 2, 4, 8])["pass_at_k"]
+    d = _curve(8, counts, [1, 2, 4, 8])["pass_at_k"]
     for k in (1, 2, 4, 8):
         assert d[str(k)]["mean"] == pytest.approx(np.mean([_rho(8, c, k) for c in counts]), abs=1e-12)
+    with pytest.raises(ValueError, match="pass@16 cannot be estimated from n=8"):
+        evaluation.curve([_rec(8, counts)], [16])
 
 
 def test_cis_contain_the_mean_and_shrink_with_more_problems():
@@ -49,8 +59,8 @@ def test_cis_contain_the_mean_and_shrink_with_more_problems():
     n, ks = 32, [1, 4, 16, 32]
     p = rng.beta(0.7, 2.0, size=2000)
     counts = rng.binomial(n, p)
-    small = ev.curve_dict(n, counts[:25], ks, n_boot=2000)["pass_at_k"]
-    large = ev.curve_dict(n, counts, ks, n_boot=2000)["pass_at_k"]
+    small = _curve(n, counts[:25], ks, n_boot=2000)["pass_at_k"]
+    large = _curve(n, counts, ks, n_boot=2000)["pass_at_k"]
     for k in ks:
         for d in (small, large):
             v = d[str(k)]
@@ -59,6 +69,36 @@ def test_cis_contain_the_mean_and_shrink_with_more_problems():
         w_small = small[str(k)]["hi"] - small[str(k)]["lo"]
         w_large = large[str(k)]["hi"] - large[str(k)]["lo"]
         assert w_large < 0.5 * w_small  # 80x the problems: ~9x narrower in theory
+
+
+def test_paired_differences_over_problems_and_seeds():
+    """One pipeline for the trainer's base → final change, the CLI's change against the first model and the
+    experiment's method differences: paired over problems (and seeds), pooled over seeds by their mean."""
+    rng = np.random.default_rng(2)
+    n, p = 16, 300
+    base = rng.binomial(n, 0.2, size=p)
+    seeds = [np.clip(base + rng.integers(0, 4, size=p), 0, n) for _ in range(3)]
+    rb, rs = _rec(n, base), [_rec(n, c) for c in seeds]
+    # the same model against itself: exactly zero, with a zero-width interval
+    same = evaluation.change(_curve(n, base, [1, 4]) | rb, _curve(n, base, [1, 4]) | rb)
+    assert set(same) == {"1", "4"} and all(v == {"mean": 0.0, "lo": 0.0, "hi": 0.0} for v in same.values())
+    # every seed against one base: the mean of the per-seed mean differences, an interval around it, t beside it
+    d = evaluation.difference(rs, [rb], 4, n_boot=500)
+    want = np.mean([np.mean([_rho(n, a, 4) - _rho(n, b, 4) for a, b in zip(c, base)]) for c in seeds])
+    assert d.mean == pytest.approx(want, abs=1e-12) and d.seeds == 3 and d.problems == p
+    assert d.lo <= d.mean <= d.hi and d.t_lo <= d.mean <= d.t_hi and d.lo > 0  # every seed improved every problem
+    # pairing: the change's interval is narrower than either model's own interval over problems
+    one = evaluation.difference(rs[:1], [rb], 4, n_boot=500)
+    own = evaluation.interval(rs[:1], 4, n_boot=500)
+    assert one.hi - one.lo < 0.8 * (own.hi - own.lo)
+    # pooling over seeds: a method's mean is the mean of its seeds' means
+    pooled = evaluation.interval(rs, 1, n_boot=200)
+    assert pooled.mean == pytest.approx(np.mean([np.mean(c) / n for c in seeds]), abs=1e-12)
+    assert len(pooled.per_seed) == 3 and "t_lo" in evaluation.as_dict(pooled)
+    with pytest.raises(ValueError, match="same problems"):
+        evaluation.difference([_rec(n, base[:-1])], [rb], 1)
+    with pytest.raises(ValueError, match="3 records after but 2 before"):
+        evaluation.difference(rs, rs[:2], 1)
 
 
 def test_parse_and_check_ks():
@@ -86,20 +126,34 @@ def test_cli_rejects_k_above_n_and_missing_model_before_starting(tmp_path, capsy
     assert not (tmp_path / "o").exists()  # nothing was started or written
 
 
-def test_resolve_model_kinds(tmp_path):
+def test_resolve_model_kinds(tmp_path, monkeypatch):
+    from passk_rl.tasks.make_base import BUILTIN_DIR
+
+    assert resolve_model("builtin:arith-base").path == str(BUILTIN_DIR)
+    with pytest.raises(ValueError, match="model.path: unknown built-in model 'builtin:nope'.*builtin:arith-base"):
+        resolve_model("builtin:nope", key="model.path")
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
-    assert ev.resolve_model(str(hf)) == (str(hf.resolve()), None)
+    assert resolve_model(str(hf)) == ResolvedModel(str(hf.resolve()))
     run = tmp_path / "run"
     (run / "final_model").mkdir(parents=True)
     (run / "config.yaml").write_text("run: {seed: 0}\n")
     with pytest.raises(FileNotFoundError, match="final_model"):
-        ev.resolve_model(str(run))
+        resolve_model(str(run))
     (run / "final_model" / "config.json").write_text("{}")
-    assert ev.resolve_model(str(run)) == (str((run / "final_model").resolve()), str(run.resolve()))
+    got = resolve_model(str(run))
+    assert (got.path, got.run_dir) == (str((run / "final_model").resolve()), str(run.resolve()))
     with pytest.raises(FileNotFoundError, match="neither an HF model directory"):
-        ev.resolve_model(str(tmp_path))
+        resolve_model(str(tmp_path))
+    # a name that is not on disk: a hub id only where the caller allows the hub and the hub is reachable
+    with pytest.raises(FileNotFoundError, match="--model: 'org/model': no such directory"):
+        resolve_model("org/model", key="--model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_model("org/model", hub=True).path == "org/model"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="cannot be fetched offline"):
+        resolve_model("org/model", hub=True)
     refs = ev.resolve_models([str(hf), str(hf)])
     assert [r.label for r in refs] == ["hf", "hf-2"]
     with pytest.raises(ValueError, match="one label per model"):
@@ -108,8 +162,8 @@ def test_resolve_model_kinds(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- plots
 def test_plots_are_written(tmp_path):
-    a = ev.curve_dict(16, [1, 3, 0, 16, 5], [1, 2, 4, 8, 16])
-    b = ev.curve_dict(16, [4, 6, 0, 16, 9], [1, 2, 4, 8, 16])
+    a = _curve(16, [1, 3, 0, 16, 5], [1, 2, 4, 8, 16])
+    b = _curve(16, [4, 6, 0, 16, 9], [1, 2, 4, 8, 16])
     p = plot_pass_at_k({"a": a, "b": b}, tmp_path / "sub" / "curves.png", title="t")
     assert _is_png(p)
     pts = {lab: tuple((c["pass_at_k"][k]["mean"], c["pass_at_k"][k]["lo"], c["pass_at_k"][k]["hi"]) for k in ("1", "16"))
@@ -119,125 +173,25 @@ def test_plots_are_written(tmp_path):
         plot_pass_at_k({}, tmp_path / "x.png")
 
 
-# ------------------------------------------------------------------------------------------- compare
-N, P = 64, 200
-IDS = [f"p{i}" for i in range(P)]
-
-
-def _eval_from_counts(counts, step):
-    d = ev.curve_dict(N, counts, [1, 2, 4, 8, 16, 32, 64], n_boot=500)
-    d.update(n=N, num_prompts=len(counts), counts=[int(c) for c in counts], prompt_ids=IDS, step=step)
-    return d
-
-
-def _write_run(root: Path, name: str, shaping: str, k: int, seed: int, counts, base_counts, *, with_counts=True):
-    d = root / name
-    d.mkdir(parents=True)
-    cfg = {"run": {"name": name, "seed": seed, "steps": 3}, "algorithm": {"shaping": shaping},
-           "schedule": {"kind": "fixed", "params": {"k": k}}}
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-    base, final = _eval_from_counts(base_counts, 0), _eval_from_counts(counts, 3)
-    if not with_counts:
-        for e in (base, final):
-            del e["counts"], e["prompt_ids"]
-    (d / "summary.json").write_text(json.dumps({"run": name, "base_eval": base, "final_eval": final}))
+def test_plot_run_writes_both_figures(tmp_path):
+    n, p, k = 64, 200, 4
+    rng = np.random.default_rng(1)
+    d = tmp_path / "run"
+    (d / "eval").mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "run", "seed": 0, "steps": 3},
+                                                   "algorithm": {"shaping": "pkpo_loo_minus_one"},
+                                                   "schedule": {"kind": "fixed", "params": {"k": k}}}))
+    evals = {}
+    for step, q in ((0, 0.05), (3, 0.1)):
+        rec = _rec(n, rng.binomial(n, q, size=p))
+        evals[step] = {"pass_at_k": evaluation.curve([rec], [1, 2, 4, 8, 16, 32, 64], n_boot=200), **rec,
+                       "num_prompts": p, "step": step}
+        (d / "eval" / f"step_{step:06d}.json").write_text(json.dumps(evals[step]))
+    (d / "summary.json").write_text(json.dumps({"run": "run", "base_eval": evals[0], "final_eval": evals[3]}))
     rows = [{"step": s, "k": k, "k_requested": k, "p_hat_global": 0.1 * s, "reward_mean": 0.2 + 0.01 * s,
              "pass@1": 0.2, "pass@4": 0.4} for s in (1, 2, 3)]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (d / "eval").mkdir()
-    (d / "eval" / "step_000000.json").write_text(json.dumps(base))
-    (d / "eval" / "step_000003.json").write_text(json.dumps(final))
-    return d
-
-
-def _synthetic_runs(root: Path, *, with_counts=True):
-    """Constructed so the winners are known: "sharp" (rloo, K=1) solves half the problems always and the rest never
-    (pass@k = 0.5 for all k); "broad16" (pkpo K=16) solves each problem with c = 4 of 64 (pass@1 = 0.0625,
-    pass@16 ≈ 0.69); "weak4" (pkpo K=4) has c = 1 (pass@4 = 0.0625)."""
-    rng = np.random.default_rng(1)
-    half = np.where(np.arange(P) % 2 == 0, N, 0)
-    base = rng.binomial(N, 0.05, size=P)
-    jitter = half.copy()
-    jitter[1] = 2  # seed 1 differs a little from seed 0
-    return [
-        _write_run(root, "sharp-s0", "rloo", 1, 0, half, base, with_counts=with_counts),
-        _write_run(root, "sharp-s1", "rloo", 1, 1, jitter, base, with_counts=with_counts),
-        _write_run(root, "broad16-s0", "pkpo_loo_minus_one", 16, 0, np.full(P, 4), base, with_counts=with_counts),
-        _write_run(root, "weak4-s0", "pkpo_loo_minus_one", 4, 0, np.full(P, 1), base, with_counts=with_counts),
-    ]
-
-
-def test_compare_tables_plots_and_verdict(tmp_path):
-    runs = _synthetic_runs(tmp_path / "runs")
-    res = ev.compare(runs, tmp_path / "cmp", ks=[1, 4, 16, 64], verdict_ks=[1, 4, 16], n_boot=500)
-    for key in ("pass_at_k_plot", "pareto_plot"):
-        assert _is_png(res["paths"][key])
-    table = Path(res["paths"]["table"]).read_text()
-    assert table == res["table"]
-    for label in ("rloo", "pkpo_loo_minus_one K=16", "pkpo_loo_minus_one K=4", "base model", "sharp-s1"):
-        assert label in table
-    assert json.loads(Path(res["paths"]["json"]).read_text())["order"] == res["order"]
-    assert res["paired"]
-
-    # Pooling over seeds: the method's mean is the mean of its runs' means.
-    m = res["methods"]["rloo"]
-    assert m["seeds"] == [0, 1] and m["target_k"] == 1
-    runs_means = [r["pass_at_k"]["4"]["mean"] for r in res["runs"] if r["method"] == "rloo"]
-    assert m["pass_at_k"]["4"]["mean"] == pytest.approx(np.mean(runs_means), abs=1e-12)
-    assert m["pass_at_k"]["16"]["lo"] <= m["pass_at_k"]["16"]["mean"] <= m["pass_at_k"]["16"]["hi"]
-    expected16 = _rho(N, 4, 16)
-    assert res["methods"]["pkpo_loo_minus_one K=16"]["pass_at_k"]["16"]["mean"] == pytest.approx(expected16)
-
-    v = {x["k"]: x for x in res["verdicts"]}
-    assert v[1]["best"] == "rloo" and v[1]["best_is_matched"] and v[1]["outcome"] == "supported"
-    assert v[16]["best"] == "pkpo_loo_minus_one K=16" and v[16]["outcome"] == "supported"
-    assert v[16]["gap"]["lo"] > 0
-    # At k=4 the K=4 method is far behind a K=1 method: the hypothesis is contradicted there.
-    assert v[4]["best"] == "rloo" and not v[4]["best_is_matched"]
-    assert v[4]["top_matched"] == "pkpo_loo_minus_one K=4" and v[4]["outcome"] == "contradicted"
-    assert v[4]["gap"]["hi"] < 0
-    # Per-seed winners only over seeds every method ran (seed 1 has rloo alone).
-    assert v[1]["per_seed_winner"] == {"0": "rloo"}
-    assert v[16]["per_seed_winner"] == {"0": "pkpo_loo_minus_one K=16"}
-    assert "contradicted" in table and "supported" in table
-
-
-def test_compare_without_counts_falls_back_to_ci_overlap(tmp_path):
-    runs = _synthetic_runs(tmp_path / "runs", with_counts=False)
-    res = ev.compare(runs, tmp_path / "cmp", ks=[1, 4, 16], verdict_ks=[1, 4, 16], n_boot=200)
-    assert not res["paired"]
-    v = {x["k"]: x for x in res["verdicts"]}
-    assert v[1]["best"] == "rloo" and v[1]["outcome"] == "supported" and v[1]["gap"] is None
-    assert v[4]["outcome"] == "contradicted" and v[16]["outcome"] == "supported"
-
-
-def test_verdict_is_inconclusive_within_noise(tmp_path):
-    rng = np.random.default_rng(3)
-    c = rng.binomial(N, 0.2, size=P)
-    c2 = np.clip(c + rng.integers(-2, 3, size=P), 0, N)  # the same model up to small per-problem noise
-    base = rng.binomial(N, 0.05, size=P)
-    # Whichever is ahead on the numbers gets the K=4 label, so the best method is the matched one.
-    hi, lo = (c2, c) if ev._per_problem({"n": N, "counts": c2}, 4).mean() > ev._per_problem({"n": N, "counts": c}, 4).mean() else (c, c2)
-    runs = [_write_run(tmp_path, "a", "pkpo_loo_minus_one", 4, 0, hi, base),
-            _write_run(tmp_path, "b", "rloo", 1, 0, lo, base)]
-    res = ev.compare(runs, tmp_path / "cmp", ks=[4], verdict_ks=[4], n_boot=500)
-    (v,) = res["verdicts"]
-    assert v["best"] == "pkpo_loo_minus_one K=4" and v["best_is_matched"]
-    assert v["outcome"] == "inconclusive" and v["gap"]["lo"] < 0 < v["gap"]["hi"]
-
-
-def test_compare_rejects_duplicate_method_and_seed(tmp_path):
-    base = np.zeros(P, dtype=int)
-    runs = [_write_run(tmp_path, "a", "rloo", 1, 0, base, base), _write_run(tmp_path, "b", "rloo", 1, 0, base, base)]
-    with pytest.raises(ValueError, match="both method 'rloo' with seed 0"):
-        ev.compare(runs, tmp_path / "cmp")
-    with pytest.raises(FileNotFoundError, match="no summary.json"):
-        ev.compare([tmp_path / "missing"], tmp_path / "cmp")
-
-
-def test_plot_run_writes_both_figures(tmp_path):
-    (run,) = _synthetic_runs(tmp_path / "runs")[:1]
-    paths = plot_run(run)
+    paths = plot_run(d)
     assert sorted(p.name for p in paths) == ["pass_at_k.png", "training.png"]
     assert all(_is_png(p) for p in paths)
 
@@ -253,43 +207,9 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.mark.e2e
-def test_real_pools_counts_match_verdicts(ray_local, tmp_path):
-    from passk_rl.tasks import make_task
-
-    n, num_prompts = 8, 8
-    res = ev.evaluate_models(["builtin:arith-base"], labels=["base"], task="arith", split="test",
-                             num_prompts=num_prompts, n=n, ks=[1, 2, 4, 8], seed=0, out_dir=tmp_path,
-                             keep_samples=True, n_boot=200)["base"]
-    assert ray_local.is_initialized()  # the caller's cluster was reused, not shut down
-    saved = json.loads((tmp_path / "base.json").read_text())
-    assert saved["counts"] == res["counts"] and _is_png(tmp_path / "pass_at_k.png")
-
-    counts, samples = res["counts"], res["samples"]
-    assert len(counts) == num_prompts and len(samples) == num_prompts
-    assert all(0 <= c <= n for c in counts) and all(len(g) == n for g in samples)
-    rewards = np.array([[s["reward"] for s in g] for g in samples])
-    assert sum(counts) == int((rewards >= 1.0).sum())
-    assert counts == [int((row >= 1.0).sum()) for row in rewards]
-    assert sum(res["verifier_status"].values()) == n * num_prompts
-    # Binary rewards: pass@1 is the mean reward; every other k follows from the counts.
-    assert res["pass_at_k"]["1"]["mean"] == pytest.approx(res["reward_mean"], abs=1e-12)
-    assert res["pass_at_k"]["1"]["mean"] == pytest.approx(rewards.mean(), abs=1e-12)
-    for k in (2, 4, 8):
-        assert res["pass_at_k"][str(k)]["mean"] == pytest.approx(np.mean([_rho(n, c, k) for c in counts]), abs=1e-12)
-    # The pool's verdicts agree with the task's own verifier run here, in the test process.
-    task = make_task("arith")
-    prompts = task.prompts("test")[:num_prompts]
-    assert res["prompt_ids"] == [p.id for p in prompts]
-    local = [[task.verify(p, s["text"]).reward for s in g] for p, g in zip(prompts, samples)]
-    assert np.array_equal(np.array(local), rewards)
-
-
-@pytest.mark.e2e
-def test_one_engine_with_weights_swapped_in_place_samples_like_fresh_engines(ray_local, tmp_path):
-    """evaluate_models loads each next model into the running engine (the validated reload of a training sync)
-    instead of starting a new engine: the samples must be exactly those of a fresh engine on that model, and
-    loading the first model back must give its samples again."""
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory):
+    """A copy of the built-in model with noise on every weight (another model of the same architecture)."""
     import shutil
 
     import torch
@@ -297,17 +217,76 @@ def test_one_engine_with_weights_swapped_in_place_samples_like_fresh_engines(ray
 
     from passk_rl.tasks.make_base import BUILTIN_DIR
 
-    other = tmp_path / "perturbed"
+    other = tmp_path_factory.mktemp("models") / "perturbed"
     shutil.copytree(BUILTIN_DIR, other)
     sd = load_file(str(other / "model.safetensors"))
     gen = torch.Generator().manual_seed(0)
     sd = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
     save_file(sd, str(other / "model.safetensors"), metadata={"format": "pt"})
-    kw = dict(task="arith", split="test", num_prompts=12, n=8, ks=[1, 8], seed=3, n_boot=50, plot=False)
-    shared = ev.evaluate_models(["builtin:arith-base", str(other), "builtin:arith-base"],
-                                labels=["base", "perturbed", "base-again"], out_dir=tmp_path / "shared", **kw)
-    fresh = ev.evaluate_models([str(other)], labels=["perturbed"], out_dir=tmp_path / "fresh", share_engine=False,
-                               **kw)
+    return other
+
+
+N_EVAL, PROMPTS_EVAL = 8, 12
+
+
+@pytest.fixture(scope="module")
+def shared_engine(ray_local, perturbed, tmp_path_factory):
+    """One evaluate_models call on one engine: the base, the perturbed model loaded in place, the base again."""
+    out = tmp_path_factory.mktemp("shared")
+    res = ev.evaluate_models(["builtin:arith-base", str(perturbed), "builtin:arith-base"],
+                             labels=["base", "perturbed", "base-again"], task="arith", split="test",
+                             num_prompts=PROMPTS_EVAL, n=N_EVAL, ks=[1, 2, 4, 8], seed=3, n_boot=200,
+                             keep_samples=True, out_dir=out)
+    return res, out
+
+
+@pytest.mark.e2e
+def test_real_pools_counts_match_verdicts(ray_local, shared_engine):
+    from passk_rl.tasks import make_task
+
+    results, out = shared_engine
+    res, n = results["base"], N_EVAL
+    assert ray_local.is_initialized()  # the caller's cluster was reused, not shut down
+    saved = json.loads((out / "base.json").read_text())
+    assert saved["counts"] == res["counts"] and _is_png(out / "pass_at_k.png")
+
+    counts, samples = res["counts"], res["samples"]
+    assert len(counts) == PROMPTS_EVAL and len(samples) == PROMPTS_EVAL
+    assert all(0 <= c <= n for c in counts) and all(len(g) == n for g in samples)
+    rewards = np.array([[s["reward"] for s in g] for g in samples])
+    assert sum(counts) == int((rewards >= 1.0).sum())
+    assert counts == [int((row >= 1.0).sum()) for row in rewards]
+    assert sum(res["verifier_status"].values()) == n * PROMPTS_EVAL
+    # Binary rewards: pass@1 is the mean reward; every other k follows from the counts.
+    assert res["pass_at_k"]["1"]["mean"] == pytest.approx(res["reward_mean"], abs=1e-12)
+    assert res["pass_at_k"]["1"]["mean"] == pytest.approx(rewards.mean(), abs=1e-12)
+    for k in (2, 4, 8):
+        assert res["pass_at_k"][str(k)]["mean"] == pytest.approx(np.mean([_rho(n, c, k) for c in counts]), abs=1e-12)
+    # The pool's verdicts agree with the task's own verifier run here, in the test process.
+    task = make_task("arith")
+    prompts = task.prompts("test")[:PROMPTS_EVAL]
+    assert res["prompt_ids"] == [p.id for p in prompts]
+    local = [[task.verify(p, s["text"]).reward for s in g] for p, g in zip(prompts, samples)]
+    assert np.array_equal(np.array(local), rewards)
+    # summary.json: every model's paired change against the first one
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["change_vs"] == "base" and set(summary["change"]) == {"perturbed", "base-again"}
+    assert all(v["mean"] == v["lo"] == v["hi"] == 0.0 for v in summary["change"]["base-again"].values())
+    for k, v in summary["change"]["perturbed"].items():
+        want = results["perturbed"]["pass_at_k"][k]["mean"] - res["pass_at_k"][k]["mean"]
+        assert v["mean"] == pytest.approx(want, abs=1e-12) and v["lo"] <= v["mean"] <= v["hi"]
+
+
+@pytest.mark.e2e
+def test_one_engine_with_weights_swapped_in_place_samples_like_fresh_engines(ray_local, shared_engine, perturbed,
+                                                                              tmp_path):
+    """evaluate_models loads each next model into the running engine (the validated reload of a training sync)
+    instead of starting a new engine: the samples must be exactly those of a fresh engine on that model, and
+    loading the first model back must give its samples again."""
+    shared, _ = shared_engine
+    fresh = ev.evaluate_models([str(perturbed)], labels=["perturbed"], task="arith", split="test",
+                               num_prompts=PROMPTS_EVAL, n=N_EVAL, ks=[1, 8], seed=3, n_boot=50, plot=False,
+                               out_dir=tmp_path / "fresh", share_engine=False)
     assert shared["perturbed"]["counts"] == fresh["perturbed"]["counts"]
     assert shared["base-again"]["counts"] == shared["base"]["counts"]
     assert shared["perturbed"]["counts"] != shared["base"]["counts"]  # the swap really changed the weights

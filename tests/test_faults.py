@@ -3,7 +3,9 @@ the verifier pool): each test breaks one part of a running training job and chec
 docs/reliability.md — that the run goes on, or stops with a message that says what happened while its newest
 complete checkpoint stays usable, and that nothing is lost or silently scored.
 
-The engine kill runs in CI; the longer ones are marked slow (`bash scripts/test.sh -m slow`).
+Launched runs are shared: a module fixture launches one run and several tests assert on it. The README's GRPO
+override with the engine killed mid-run is in the default suite; the longer ones are marked slow
+(`bash scripts/test.sh -m slow`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional
 
 import psutil
@@ -26,11 +29,11 @@ SMALL = ["data.prompts_per_step=8", "generator.n=8", "eval.enabled=false", "logg
          "algorithm.shaping=pkpo_loo_minus_one", "schedule.kind=fixed", "schedule.params={k: 4}"]
 
 
-def _launch(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
+def _launch(tmp_path: Path, name: str, *overrides: str, small: bool = True) -> subprocess.Popen:
     env = dict(os.environ, RAY_ADDRESS="")
     log = open(tmp_path / f"{name}.log", "a")
     return subprocess.Popen([sys.executable, "-m", "passk_rl.launch", "--config", "configs/tiny_cpu.yaml",
-                             f"run.name={name}", f"run.output_dir={tmp_path}", *SMALL, *overrides],
+                             f"run.name={name}", f"run.output_dir={tmp_path}", *(SMALL if small else ()), *overrides],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -82,47 +85,76 @@ def _finish(proc: subprocess.Popen, timeout: float = 1200) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-# ------------------------------------------------------------------------------------------ engine death
+# ------------------------------------------------------------------------------- engine death, README override
+@pytest.fixture(scope="module", params=["collective", pytest.param("shm_safetensors", marks=pytest.mark.slow)])
+def grpo_run_with_an_engine_kill(request, tmp_path_factory):
+    """One launched run for two promises: the README's override (`algorithm.shaping=grpo` on the default config,
+    20 steps) trains, and a kill -9 of the vLLM engine after step 2 is survived. The restarted engine re-issues the
+    lost requests with their own seeds, so the run samples what it would have sampled without the kill. Params:
+    the weight transport (collective, the default: the group is re-formed and every engine re-sent the weights;
+    shm_safetensors: the new engine reads the last published file)."""
+    tmp = tmp_path_factory.mktemp(f"grpo-{request.param}")
+    proc = _launch(tmp, "grpo", "algorithm.shaping=grpo", "run.steps=20", "eval.enabled=false",
+                   "logging.ray_metrics=false", f"sync.transport={request.param}", small=False)
+    run_dir = tmp / "grpo"
+    try:
+        _wait_for_step(run_dir, 2, proc)
+        pids = _actor_pids(proc.pid, "GeneratorActor")
+        if len(pids) == 1:
+            os.kill(pids[0], signal.SIGKILL)
+    finally:
+        rc = _finish(proc)
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return SimpleNamespace(rc=rc, pids=pids, out=(tmp / "grpo.log").read_text(), records=_records(run_dir),
+                           run_dir=run_dir, n=cfg["generator"]["n"], prompts=cfg["data"]["prompts_per_step"])
+
+
 @pytest.mark.e2e
-def test_kill_9_of_the_generator_engine_is_survived(tmp_path):
-    """kill -9 of the vLLM engine's actor process after step 2: the pool starts a new engine, loads the current
-    weights, re-issues the lost requests; every step completes, the restart is counted, and the new engine holds
-    the learner's weights (the post-sync probe still agrees to 1e-4)."""
-    _engine_kill_is_survived(tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_kill_9_of_the_generator_engine_is_survived_with_the_file_transport(tmp_path):
-    """The same with weights through a safetensors file: the new engine reads the last published file. (With the
-    default, collective, transport the replaced engine is not in the old group: the group is re-formed and every
-    engine re-sent the current weights before the lost requests are re-issued.)"""
-    _engine_kill_is_survived(tmp_path, "sync.transport=shm_safetensors")
-
-
-def _engine_kill_is_survived(tmp_path, *extra):
-    proc = _launch(tmp_path, "kill", "run.steps=5", *extra)
-    run_dir = tmp_path / "kill"
-    _wait_for_step(run_dir, 2, proc)
-    pids = _actor_pids(proc.pid, "GeneratorActor")
-    assert len(pids) == 1, pids
-    t_kill = time.time()
-    os.kill(pids[0], signal.SIGKILL)
-    rc = _finish(proc)
-    out = (tmp_path / "kill.log").read_text()
-    assert rc == 0, out[-5000:]
-    records = _records(run_dir)
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+def test_kill_9_of_the_generator_engine_is_survived(grpo_run_with_an_engine_kill):
+    """The pool starts a new engine, loads the current weights, re-issues the lost requests; every step completes,
+    the restart is counted, and the new engine holds the learner's weights (the post-sync probe agrees to 1e-4)."""
+    r = grpo_run_with_an_engine_kill
+    assert len(r.pids) == 1, r.pids
+    assert r.rc == 0, r.out[-5000:]
+    records = r.records
+    assert [x["step"] for x in records] == list(range(1, 21))
     assert records[-1]["engine_restarts"] >= 1 and records[1]["engine_restarts"] == 0
-    assert "engine 0 died" in out
-    for r in records:  # no step lost a sample: every one was generated, verified and shaped
-        assert sum(r["verifier_status"].values()) == 8 * 8
-        assert r["sync_probe_max_abs_diff"] < 1e-4
-    recovered = next(r for r in records if r["engine_restarts"] >= 1)
-    print(f"engine killed {time.time() - t_kill:.0f}s before the end; step {recovered['step']} took "
-          f"{recovered['step_seconds']:.1f}s (generate {recovered['phase_seconds']['generate']:.1f}s) "
-          f"against {records[0]['step_seconds']:.1f}s for step 1")
-    assert (run_dir / "final_model" / "model.safetensors").is_file()
+    assert "engine 0 died" in r.out
+    for x in records:  # no step lost a sample: every one was generated, verified and shaped
+        assert sum(x["verifier_status"].values()) == r.prompts * r.n
+        assert x["sync_probe_max_abs_diff"] < 1e-4
+    recovered = next(x for x in records if x["engine_restarts"] >= 1)
+    print(f"step {recovered['step']} (engine replaced) took {recovered['step_seconds']:.1f}s (generate "
+          f"{recovered['phase_seconds']['generate']:.1f}s) against {records[0]['step_seconds']:.1f}s for step 1")
+    assert (r.run_dir / "final_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_the_readme_grpo_override_trains(grpo_run_with_an_engine_kill):
+    """`bash scripts/run.sh algorithm.shaping=grpo` (the README's override example) once blew up: a near-zero
+    central p̂ gave single successes advantages of ~1e4 and the reward stayed flat. Now, 20 steps of the default
+    config with that override: the training reward rises (least-squares slope over the steps, t > 2, and the last
+    five steps above the first five), no advantage exceeds what the group form can give, gradients stay sane."""
+    import numpy as np
+
+    from passk_rl.shaping import advantage_bound
+
+    r = grpo_run_with_an_engine_kill
+    assert r.rc == 0, r.out[-4000:]
+    rows = r.records
+    assert [x["step"] for x in rows] == list(range(1, 21))
+    reward = np.array([x["reward_mean"] for x in rows])
+    steps = np.arange(len(reward), dtype=float)
+    slope, icpt = np.polyfit(steps, reward, 1)
+    resid = reward - (slope * steps + icpt)
+    se = np.sqrt(resid.var(ddof=2) / ((steps - steps.mean()) ** 2).sum())
+    assert slope / se > 2.0, (slope, se, reward.round(3).tolist())
+    assert reward[-5:].mean() > reward[:5].mean(), reward.round(3).tolist()
+    assert max(x["advantage_abs_max"] for x in rows) <= advantage_bound("grpo", r.n) + 1e-9
+    assert max(x["learner"]["grad_norm"] for x in rows) < 100
+    assert all(not x["update_skipped"] for x in rows)
 
 
 # ------------------------------------------------------------------------------------------ verifier health
@@ -137,48 +169,63 @@ def test_a_mostly_failing_verifier_stops_the_run_naming_the_statuses(tmp_path):
     assert [x["step"] for x in _records(tmp_path / "sick")] == [1]  # stopped once the window (2 steps) was full
 
 
-# ------------------------------------------------------------------------------------------ preemption
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues(tmp_path):
-    proc = _launch(tmp_path, "pre", "run.steps=40")
-    run_dir = tmp_path / "pre"
-    _wait_for_step(run_dir, 2, proc)
-    t0 = time.time()
-    os.kill(proc.pid, signal.SIGTERM)
-    rc = _finish(proc, timeout=300)
-    out = (tmp_path / "pre.log").read_text()
-    assert rc == 5 and "preempted" in out and "continue with run.resume=true" in out, out[-3000:]
-    last = _records(run_dir)[-1]["step"]
+
+# ------------------------------------------------------------------------------- preemption and exact resume
+@pytest.fixture(scope="module")
+def preempted_and_resumed(tmp_path_factory):
+    """A 6-step run never interrupted, and the same run stopped with SIGTERM after step 2 (`ray job stop`,
+    preemption) and resumed to step 6."""
+    tmp = tmp_path_factory.mktemp("preempt")
+    whole = _run(tmp, "whole", "run.steps=6")
+    proc = _launch(tmp, "cut", "run.steps=6")
+    try:
+        _wait_for_step(tmp / "cut", 2, proc)
+        t0 = time.time()
+        os.kill(proc.pid, signal.SIGTERM)
+    finally:
+        rc = _finish(proc, timeout=300)
+    stopped = SimpleNamespace(rc=rc, seconds=time.time() - t0, out=(tmp / "cut.log").read_text(),
+                              records=_records(tmp / "cut"))
     from passk_rl import checkpoint
 
-    ck, _ = checkpoint.usable(run_dir / "checkpoints")
-    assert ck is not None and checkpoint.step_of(ck) == last  # nothing trained after the checkpoint
-    print(f"SIGTERM → exit in {time.time() - t0:.1f}s, checkpoint at step {last}")
-    r = _run(tmp_path, "pre", f"run.steps={last + 2}", "run.resume=true")
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert [x["step"] for x in _records(run_dir)] == list(range(1, last + 3))
+    ck, _ = checkpoint.usable(tmp / "cut" / "checkpoints")
+    resumed = _run(tmp, "cut", "run.steps=6", "run.resume=true")
+    return SimpleNamespace(whole=whole, whole_records=_records(tmp / "whole"), stopped=stopped, checkpoint=ck,
+                           resumed=resumed, records=_records(tmp / "cut"))
 
 
-# ------------------------------------------------------------------------------------------ exact resume
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Steps 3-4 of a run interrupted after step 2 and resumed equal those of the same run never interrupted: the
-    same K, p̂, rewards and sampled tokens (digest), verifier totals, and the loss to float tolerance."""
-    a = _run(tmp_path, "whole", "run.steps=4")
-    assert a.returncode == 0, a.stdout[-3000:]
-    b = _run(tmp_path, "cut", "run.steps=2")
-    assert b.returncode == 0, b.stdout[-3000:]
-    c = _run(tmp_path, "cut", "run.steps=4", "run.resume=true")
-    assert c.returncode == 0 and "resumed from" in c.stdout, c.stdout[-3000:]
-    whole, cut = _records(tmp_path / "whole"), _records(tmp_path / "cut")
-    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues(preempted_and_resumed):
+    from passk_rl import checkpoint
+
+    p = preempted_and_resumed
+    s = p.stopped
+    assert s.rc == 5 and "preempted" in s.out and "continue with run.resume=true" in s.out, s.out[-3000:]
+    last = s.records[-1]["step"]
+    assert last < 6 and p.checkpoint is not None and checkpoint.step_of(p.checkpoint) == last  # none trained after
+    print(f"SIGTERM → exit in {s.seconds:.1f}s, checkpoint at step {last}")
+    assert p.resumed.returncode == 0, p.resumed.stdout[-4000:]
+    assert [x["step"] for x in p.records] == list(range(1, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_resume_reproduces_the_uninterrupted_run(preempted_and_resumed):
+    """The steps after the resume equal those of the same run never interrupted: the same K, p̂ (and the p̂ actor's
+    sample count: its state carried over), rewards and sampled tokens (digest: the engines got the restored
+    weights), verifier totals, the loss to float tolerance, and the post-sync probe."""
+    p = preempted_and_resumed
+    assert p.whole.returncode == 0, p.whole.stdout[-3000:]
+    assert p.resumed.returncode == 0 and "resumed from" in p.resumed.stdout, p.resumed.stdout[-3000:]
+    whole, cut = p.whole_records, p.records
+    assert [r["step"] for r in cut] == [r["step"] for r in whole] == list(range(1, 7))
     for x, y in zip(whole, cut):
         for key in ("k", "p_hat_global", "reward_mean", "samples_digest", "verifier_status_total", "p_hat_samples"):
             assert x[key] == y[key], (x["step"], key, x[key], y[key])
         assert y["learner"]["loss"] == pytest.approx(x["learner"]["loss"], rel=1e-5, abs=1e-7)
         assert y["learner"]["grad_norm"] == pytest.approx(x["learner"]["grad_norm"], rel=1e-5)
+        assert y["sync_probe_max_abs_diff"] < 1e-4
 
 
 # ------------------------------------------------------------------------------------------ learner death

@@ -88,4 +88,7 @@ def test_guard_keys_are_checked_and_analytic_with_the_estimator_is_a_config_erro
     with pytest.raises(ConfigError, match="p_hat_source.*passk_analytic"):
         load_config(CFG, ["algorithm.shaping=passk_analytic", "algorithm.p_hat_source=estimator",
                           "schedule.kind=fixed", "schedule.params={k: 8}"])
-    assert load_config(CFG, []).algorithm.p_hat_source in ("group", "estimator")
+    # the papers' definition (p̂ from the group) is the default; a source that does not exist is refused by name
+    assert load_config(CFG, []).algorithm.p_hat_source == "group"
+    with pytest.raises(ConfigError, match=r"algorithm.p_hat_source.*group.*estimator"):
+        load_config(CFG, ["algorithm.p_hat_source=central"])

@@ -35,3 +35,23 @@ def test_staleness_one_overlaps_and_records_what_it_corrected(tmp_path):
         assert x["phase_seconds"]["generate"] < x["rollout_generate_s"]
         assert sum(x["verifier_status"].values()) == 16 * 8
     assert all(x["sync_probe_max_abs_diff"] < 1e-4 for x in rows)
+
+
+def test_the_staleness_bound_is_the_configs_in_the_constructor_too():
+    """One place per bound: RolloutStage built without a config refuses what the config loader refuses, naming the
+    config key (passk_rl.config.BOUNDS / the field's choices, checked by check_field)."""
+    from passk_rl.config import ConfigError, check_field, load_config
+    from passk_rl.rollout import RolloutStage
+
+    with pytest.raises(ConfigError, match=r"algorithm.max_staleness: 2 is not allowed; allowed values: \[0, 1\]"):
+        load_config(ROOT / "configs/tiny_cpu.yaml", ["algorithm.max_staleness=2"])
+    with pytest.raises(ConfigError, match=r"algorithm.max_staleness: 2 is not allowed; allowed values: \[0, 1\]"):
+        RolloutStage(gen=None, verifier=None, task=None, tokenizer=None, draw=list, order_state=tuple, n=4,
+                     temperature=1.0, top_p=1.0, max_tokens=8, seed=0, max_staleness=2)
+    with pytest.raises(ConfigError, match=r"learner.is_cap: invalid value 1.0"):
+        load_config(ROOT / "configs/tiny_cpu.yaml", ["learner.is_cap=1.0"])
+    with pytest.raises(ConfigError, match=r"learner.is_cap: invalid value 1.0"):
+        check_field("learner.is_cap", 1.0)
+    check_field("learner.is_cap", 1.5)
+    with pytest.raises(ConfigError, match="no config key 'learner.nope'"):
+        check_field("learner.nope", 1)

@@ -55,7 +55,11 @@ def samples():
 
 @pytest.fixture(scope="module")
 def learner(ray_cluster):
-    g = LearnerGroup.from_config(_cfg(), str(BUILTIN_DIR))
+    """One learner group for every test here (a DeepSpeed start-up each is what these tests cost): PPO epochs and
+    mini-batches as the last test needs; scoring and the loss gradient do not depend on them. The last test
+    steps the optimizer, so it stays last."""
+    g = LearnerGroup.from_config(_cfg("learner.ppo_epochs=2", "learner.mini_batches=2", "learner.lr=5e-3"),
+                                 str(BUILTIN_DIR))
     yield g
     g.shutdown()
 
@@ -101,19 +105,14 @@ def test_update_is_the_shaped_gradient_of_the_tempered_policy(learner, samples):
     assert scale > 1e-4 and worst < 1e-4 * max(1.0, scale), (worst, scale)
 
 
-def test_ppo_epochs_and_mini_batches_take_several_clipped_steps(ray_cluster, samples):
+def test_ppo_epochs_and_mini_batches_take_several_clipped_steps(learner, samples):
     out, _ = samples
     adv = np.linspace(-1.0, 1.0, len(out))
     batch = [{"prompt_token_ids": s.prompt_token_ids, "response_token_ids": s.token_ids,
               "behaviour_logprobs": s.logprobs, "advantage": float(a)} for s, a in zip(out, adv)]
-    g = LearnerGroup.from_config(_cfg("learner.ppo_epochs=2", "learner.mini_batches=2", "learner.lr=5e-3"),
-                                 str(BUILTIN_DIR))
-    try:
-        before = g.gather_state_dict()
-        m = g.train_step(batch, step=1)
-        after = g.gather_state_dict()
-    finally:
-        g.shutdown()
+    before = learner.gather_state_dict()
+    m = learner.train_step(batch, step=1)
+    after = learner.gather_state_dict()
     assert m["updates"] == 4.0
     # the first update is on-policy (ratio 1); the later ones see a moved policy
     assert m["ratio_max"] > 1.0 + 1e-3 or m["ratio_min"] < 1.0 - 1e-3

@@ -57,9 +57,24 @@ def _no_network_own_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets-cache")))
 
 
-def test_tasks_registered():
-    for name in ("gsm8k", "math", "code", "faulty"):
+def test_tasks_registered_and_fixture_tasks_come_from_the_module_variable(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    for name in ("arith", "gsm8k", "math", "code", "faulty"):
         assert name in TASKS
+    # faulty is a test fixture: a fresh process knows it only through $PASSK_RL_TASK_MODULES (set by conftest)
+    probe = "from passk_rl.tasks import TASKS; print(sorted(TASKS))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PASSK_RL_TASK_MODULES"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "'faulty'" not in out.stdout and "'arith'" in out.stdout, out.stderr
+    bad = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True,
+                         env=dict(env, PASSK_RL_TASK_MODULES="tests.faulty_task,no_such_task_module"))
+    assert bad.returncode != 0 and "PASSK_RL_TASK_MODULES: cannot import task module 'no_such_task_module'" in bad.stderr
+    monkeypatch.setenv("PASSK_RL_TASK_MODULES", "")
+    with pytest.raises(ValueError, match=r"unknown task 'nope'.*PASSK_RL_TASK_MODULES"):
+        make_task("nope")
 
 
 # --------------------------------------------------------------------------------------------- GSM8K

@@ -1,15 +1,31 @@
-"""Verifiable tasks. Importing this package registers every task module in ``TASKS``."""
+"""Verifiable tasks. Importing this package registers every task module in ``TASKS``.
 
-from passk_rl.tasks.base import STATUSES, TASKS, Prompt, Status, Task, Verdict, make_task, register_task
+Tasks that live outside the package (a test fixture, a user's own task) register by naming their modules in the
+environment variable ``PASSK_RL_TASK_MODULES`` (comma-separated, e.g. ``tests.faulty_task``): they are imported
+with the package, and again by ``make_task`` in processes whose variable was set later. The variable is inherited
+by every process a run starts (Ray workers, launched jobs), so a task registered this way is known to the
+verifier pool too. A module that cannot be imported is an error naming the variable.
+"""
 
-# Task modules register themselves on import; add each new module here.
+from passk_rl.tasks.base import (
+    STATUSES,
+    TASK_MODULES_ENV,
+    TASKS,
+    Prompt,
+    Status,
+    Task,
+    Verdict,
+    load_task_modules,
+    make_task,
+    register_task,
+)
+
 import importlib as _importlib
 
-for _mod in ("arith", "gsm8k", "math", "code", "faulty"):
-    try:
-        _importlib.import_module(f"passk_rl.tasks.{_mod}")
-    except ModuleNotFoundError as _e:  # a module not written yet; any other import error is real
-        if _e.name != f"passk_rl.tasks.{_mod}":
-            raise
+# The package's own task modules; each registers itself on import.
+for _mod in ("arith", "gsm8k", "math", "code"):
+    _importlib.import_module(f"passk_rl.tasks.{_mod}")
+load_task_modules()
 
-__all__ = ["STATUSES", "TASKS", "Prompt", "Status", "Task", "Verdict", "make_task", "register_task"]
+__all__ = ["STATUSES", "TASKS", "TASK_MODULES_ENV", "Prompt", "Status", "Task", "Verdict", "load_task_modules",
+           "make_task", "register_task"]

@@ -15,6 +15,8 @@ A non-``ok`` status is never a silent 0: the verifier pool counts every status a
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional
@@ -103,9 +105,27 @@ def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Ta
     return deco
 
 
+TASK_MODULES_ENV = "PASSK_RL_TASK_MODULES"
+
+
+def load_task_modules() -> List[str]:
+    """Import the modules named in ``$PASSK_RL_TASK_MODULES`` (comma-separated) so their tasks register; returns
+    their names. ImportError naming the variable when one cannot be imported."""
+    names = [m.strip() for m in os.environ.get(TASK_MODULES_ENV, "").split(",") if m.strip()]
+    for mod in names:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ImportError(f"{TASK_MODULES_ENV}: cannot import task module {mod!r}: {e}") from e
+    return names
+
+
 def make_task(name: str, **params: Any) -> Task:
     from passk_rl import tasks as _all  # noqa: F401  (imports every task module so they register)
 
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        load_task_modules()
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)} (a task outside passk_rl/tasks "
+                         f"registers by naming its module in ${TASK_MODULES_ENV})")
     return TASKS[name](**params)

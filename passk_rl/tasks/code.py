@@ -26,7 +26,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from passk_rl.tasks.base import Prompt, Task, Verdict, register_task
-from passk_rl.tasks.gsm8k import make_prompt
+from passk_rl.tasks.answers import make_prompt
 from passk_rl.tasks.loaders import DatasetTask, FileSpec, Row
 from passk_rl.verify.sandbox import Sandbox, SandboxLimits
 

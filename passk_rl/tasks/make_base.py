@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from passk_rl.checkpoint import sha256_file
+from passk_rl.files import sha256_file
 
 RECIPE_VERSION = 1
 MARKER = "COMPLETE"

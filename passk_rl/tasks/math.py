@@ -16,10 +16,10 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from passk_rl.tasks.base import Prompt, Status, Task, Verdict, register_task
-from passk_rl.tasks.gsm8k import EXTRACTIONS, content_id, make_prompt, verdict_from_check
-from passk_rl.tasks.loaders import DatasetTask, FileSpec, Row
-from passk_rl.verify.math_equiv import LazyMathChecker, last_boxed
+from passk_rl.tasks.answers import AnswerTask, content_id, verdict_from_check
+from passk_rl.tasks.base import Prompt, Status, Verdict, register_task
+from passk_rl.tasks.loaders import FileSpec, Row
+from passk_rl.verify.math_equiv import last_boxed
 
 MATH_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 LAYOUT = "MATH layout: problem (str), solution (str with \\boxed{answer}), level ('Level N'), type (str)"
@@ -42,21 +42,14 @@ def parse_level(row: Row) -> Optional[int]:
 
 
 @register_task("math")
-class MATHTask(DatasetTask, Task):
-    """MATH (or MATH-500) from local files or the hub.
-
-    Args:
-        train_files, test_files, dataset, dataset_config, limit: as for ``gsm8k``.
-        prompt_template: format string with ``{problem}``.
-        system_prompt, chat: as for ``gsm8k``.
-        levels: keep only these difficulty levels (e.g. ``[1, 2, 3]``); None keeps all.
-        types: keep only these subjects (``type`` or ``subject`` field); None keeps all.
-        extraction: ``strict`` (last ``\\boxed{}``) or ``flexible``.
-        check_timeout_s: wall-clock limit of one math-verify check.
-    """
+class MATHTask(AnswerTask):
+    """MATH (or MATH-500) from local files or the hub. Args as ``AnswerTask``'s (prompt_template has
+    ``{problem}``; extraction ``strict``: the last ``\\boxed{}``, or ``flexible``), plus levels (keep only these
+    difficulty levels, e.g. ``[1, 2, 3]``; None keeps all) and types (keep only these subjects, the ``type`` or
+    ``subject`` field; None keeps all)."""
 
     name = "math"
-    continuous = False
+    template_field = "problem"
 
     def __init__(
         self,
@@ -73,19 +66,11 @@ class MATHTask(DatasetTask, Task):
         check_timeout_s: float = 5.0,
         limit: Optional[int] = None,
     ):
-        if extraction not in EXTRACTIONS:
-            raise ValueError(f"task math: extraction must be one of {EXTRACTIONS}, got {extraction!r}")
-        if "{problem}" not in prompt_template:
-            raise ValueError(f"task math: prompt_template must contain '{{problem}}', got {prompt_template!r}")
-        self._init_source(train_files=train_files, test_files=test_files, dataset=dataset,
-                          dataset_config=dataset_config, limit=limit)
-        self.prompt_template = prompt_template
-        self.system_prompt = system_prompt
-        self.chat = chat
+        super().__init__(train_files=train_files, test_files=test_files, dataset=dataset,
+                         dataset_config=dataset_config, prompt_template=prompt_template, system_prompt=system_prompt,
+                         chat=chat, extraction=extraction, check_timeout_s=check_timeout_s, limit=limit)
         self.levels = None if levels is None else {int(x) for x in levels}
         self.types = None if types is None else {str(t).lower() for t in types}
-        self.extraction = extraction
-        self.checker = LazyMathChecker(timeout_s=check_timeout_s)
 
     def _row_to_prompt(self, row: Row, split: str) -> Optional[Prompt]:
         problem = row.get("problem", str, layout=LAYOUT)
@@ -112,10 +97,9 @@ class MATHTask(DatasetTask, Task):
             return None
         pid = row.data.get("unique_id")
         pid = f"math-{pid}" if isinstance(pid, str) and pid else content_id("math", problem)
-        text = self.prompt_template.format(problem=problem)
-        return make_prompt(pid, text, answer, chat=self.chat, system_prompt=self.system_prompt,
-                           meta={"source": row.source, "row": row.index, "split": split, "level": level,
-                                 "type": subject, "solution": solution or ""})
+        return self.make_prompt(pid, problem, answer, meta={"source": row.source, "row": row.index, "split": split,
+                                                            "level": level, "type": subject,
+                                                            "solution": solution or ""})
 
     def verify(self, prompt: Prompt, completion: str) -> Verdict:
         pred = last_boxed(completion)
@@ -124,12 +108,3 @@ class MATHTask(DatasetTask, Task):
         if self.extraction == "strict":
             return Verdict(0.0, Status.WRONG_FORMAT.value, "no \\boxed{} answer in the completion")
         return verdict_from_check(self.checker.check(str(prompt.answer), completion, pred_mode="any"), how="any")
-
-    def warmup(self) -> None:
-        self.checker.warmup()
-
-    def interrupt(self) -> None:
-        self.checker.interrupt()
-
-    def close(self) -> None:
-        self.checker.close()

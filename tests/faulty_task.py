@@ -1,4 +1,6 @@
-"""A task that wraps another and makes its verifier fail on purpose: for testing that failures are counted.
+"""Test fixture, not a product task: ``faulty`` wraps another task and makes its verifier fail on purpose, for
+testing that failures are counted. It registers through ``PASSK_RL_TASK_MODULES=tests.faulty_task``, which
+tests/conftest.py sets for the test process and everything it starts (launched runs, Ray workers, Ray jobs).
 
 ``faulty`` delegates prompts and verification to an inner task, except on a deterministic fraction of
 (prompt id, completion) pairs where the verifier instead
