@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
+from itertools import chain, repeat
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -63,13 +63,12 @@ class Batch:
             if lp is not None and len(lp) != R[i]:
                 raise ValueError(f"{where}[{i}]: behaviour_logprobs has {len(lp)} entries but response_token_ids "
                                  f"has {R[i]}")
-        pieces = [x for p, r in zip(prompts, responses) for x in (p, r)]
-        tokens = np.concatenate([np.asarray(x, dtype=np.int64).reshape(-1) for x in pieces]) if B else \
-            np.zeros(0, np.int64)
+        tokens = np.fromiter(chain.from_iterable(x for p, r in zip(prompts, responses) for x in (p, r)),
+                             dtype=np.int64, count=int(P.sum() + R.sum()))
         has = np.fromiter((lp is not None for lp in behaviour_logprobs), dtype=bool, count=B)
-        lps = [np.asarray(lp if lp is not None else np.zeros(R[i]), dtype=np.float32).reshape(-1)
-               for i, lp in enumerate(behaviour_logprobs)]
-        blp = np.concatenate(lps) if B else np.zeros(0, np.float32)
+        blp = np.fromiter(chain.from_iterable(lp if lp is not None else repeat(0.0, int(R[i]))
+                                              for i, lp in enumerate(behaviour_logprobs)),
+                          dtype=np.float64, count=int(R.sum())).astype(np.float32)
         batch = cls(tokens=tokens, prompt_lens=P, response_lens=R,
                     advantages=np.asarray(advantages, dtype=np.float64).astype(np.float32).reshape(-1),
                     behaviour_logprobs=blp, has_behaviour=has)
