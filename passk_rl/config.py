@@ -140,7 +140,7 @@ class VerifierConfig:
 
 @dataclasses.dataclass
 class LearnerConfig:
-    """Every field except the placement ones (world_size, num_cpus_per_rank) is a ``LearnerWorker`` argument of the
+    """Every field except the placement ones (world_size, num_cpus_per_rank) is a ``LearnerOptions`` field of the
     same name (``LearnerGroup.from_config``); a test keeps the two in step."""
 
     world_size: int = 2  # data-parallel DeepSpeed ranks
