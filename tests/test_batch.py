@@ -236,3 +236,26 @@ def test_shard_by_tokens_on_columns_is_balanced_and_covers():
     assert sorted(i for s in shards for i in s) == list(range(301))
     loads = [int(b.sizes()[s].sum()) for s in shards]
     assert max(loads) - min(loads) <= int(b.sizes().max())
+
+
+def test_rollout_batch_is_prompt_major_with_each_samples_advantage():
+    from actors.generator import Sample
+    from passk_rl.rollout import Rollout
+
+    groups = [[Sample(prompt_token_ids=[1, 2 + g], token_ids=list(range(10 * g + j, 10 * g + j + j)), text="",
+                      logprobs=[-0.5 - j] * j, finish_reason="stop") for j in range(3)] for g in range(2)]
+    rewards = np.zeros((2, 3))
+    ro = Rollout(step=1, prompts=[], samples=groups, verdicts=[], status_counts={}, rewards=rewards,
+                 truncated=rewards.astype(bool), weights_version=0, order_before=(), generate_seconds=0.0,
+                 verify_seconds=0.0)
+    adv = np.arange(6, dtype=np.float64).reshape(2, 3) - 2.5
+    b = ro.learner_batch(adv)
+    assert len(b) == 6
+    for g in range(2):
+        for j in range(3):
+            row = b[3 * g + j]
+            assert row["prompt_token_ids"] == [1, 2 + g] and row["response_token_ids"] == groups[g][j].token_ids
+            assert row["behaviour_logprobs"] == pytest.approx(groups[g][j].logprobs)
+            assert row["advantage"] == adv[g, j]
+    with pytest.raises(ValueError, match=r"advantages have shape \(3, 2\)"):
+        ro.learner_batch(adv.reshape(3, 2))
