@@ -6,7 +6,7 @@ becomes padded torch tensors in one vectorised :func:`collate`. Pure numpy/torch
 
 Layout (B samples; sample i has a prompt of ``P_i ≥ 1`` and a response of ``R_i ≥ 0`` tokens):
 
-* ``tokens`` (Σ (P_i + R_i),) int64 — each sample's prompt ids followed by its response ids, samples one after
+* ``tokens`` (Σ (P_i + R_i),) int32 — each sample's prompt ids followed by its response ids, samples one after
   another;
 * ``prompt_lens``, ``response_lens`` (B,) int64;
 * ``advantages`` (B,) float32 — the shaped advantage of each sample;
@@ -64,7 +64,7 @@ class Batch:
                 raise ValueError(f"{where}[{i}]: behaviour_logprobs has {len(lp)} entries but response_token_ids "
                                  f"has {R[i]}")
         tokens = np.fromiter(chain.from_iterable(x for p, r in zip(prompts, responses) for x in (p, r)),
-                             dtype=np.int64, count=int(P.sum() + R.sum()))
+                             dtype=np.int32, count=int(P.sum() + R.sum()))
         has = np.fromiter((lp is not None for lp in behaviour_logprobs), dtype=bool, count=B)
         blp = np.fromiter(chain.from_iterable(lp if lp is not None else repeat(0.0, int(R[i]))
                                               for i, lp in enumerate(behaviour_logprobs)),
@@ -107,14 +107,14 @@ class Batch:
 
     @classmethod
     def empty(cls) -> "Batch":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
                    np.zeros(0, np.float32), np.zeros(0, bool))
 
     @classmethod
     def dummy(cls, pad_id: int) -> "Batch":
         """One placeholder sample (a pad prompt and response): the padding micro-batch of a rank with fewer
         micro-batches than the others. It runs the collectives; :func:`collate` gives it an all-zero mask."""
-        return cls(np.array([pad_id, pad_id], np.int64), np.array([1], np.int64), np.array([1], np.int64),
+        return cls(np.array([pad_id, pad_id], np.int32), np.array([1], np.int64), np.array([1], np.int64),
                    np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, bool))
 
     # ------------------------------------------------------------------ checks and views
@@ -240,7 +240,7 @@ def collate(batch: Batch, *, pad_id: int, real: bool = True, device: Union[str, 
     b = len(batch)
     L = int(Ltot.max())
     T = max(1, int(R.max()) if b else 1)
-    tokens = _t(batch.tokens)
+    tokens = _t(batch.tokens).long()
     starts = torch.from_numpy(_starts(batch.sizes()))
     ar_l = torch.arange(L)
     valid = ar_l[None, :] < Ltot[:, None]
