@@ -106,11 +106,6 @@ class Batch:
                                 adv, [s.get("behaviour_logprobs") for s in samples], where=where)
 
     @classmethod
-    def empty(cls) -> "Batch":
-        return cls(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                   np.zeros(0, np.float32), np.zeros(0, bool))
-
-    @classmethod
     def dummy(cls, pad_id: int) -> "Batch":
         """One placeholder sample (a pad prompt and response): the padding micro-batch of a rank with fewer
         micro-batches than the others. It runs the collectives; :func:`collate` gives it an all-zero mask."""
