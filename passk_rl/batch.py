@@ -221,45 +221,37 @@ class Collated:
     isw: torch.Tensor  # (b, T) importance weights (1 where absent)
 
 
-def _t(x: np.ndarray) -> torch.Tensor:
-    """A tensor over ``x`` (a copy when ``x`` is read-only, as arrays Ray hands over are)."""
-    return torch.from_numpy(x) if x.flags.writeable else torch.tensor(x)
-
-
 def collate(batch: Batch, *, pad_id: int, real: bool = True, device: Union[str, torch.device] = "cpu") -> Collated:
     """Pad a (micro-)batch into tensors, with no per-sample Python loop. ``real=False`` marks a placeholder
-    micro-batch (mask and advantages zero)."""
-    P = _t(batch.prompt_lens)
-    R = _t(batch.response_lens)
+    micro-batch (mask and advantages zero).
+
+    The index arithmetic runs in numpy (single-threaded): on tensors this small, torch's intra-op thread pool
+    costs more than the work when the cores are busy."""
+    P, R = batch.prompt_lens, batch.response_lens
     Ltot = P + R
     b = len(batch)
     L = int(Ltot.max())
     T = max(1, int(R.max()) if b else 1)
-    tokens = _t(batch.tokens).long()
-    starts = torch.from_numpy(_starts(batch.sizes()))
-    ar_l = torch.arange(L)
+    last_tok = max(len(batch.tokens) - 1, 0)
+    starts = _starts(Ltot)
+    ar_l = np.arange(L)
     valid = ar_l[None, :] < Ltot[:, None]
-    gather = (starts[:, None] + ar_l[None, :]).clamp(max=max(len(tokens) - 1, 0))
-    ids = torch.where(valid, tokens[gather], pad_id)
-    ar_t = torch.arange(T)
+    ids = np.where(valid, batch.tokens[np.minimum(starts[:, None] + ar_l[None, :], last_tok)], pad_id)
+    ar_t = np.arange(T)
     # logits at position P−1+t predict response token t; padded slots point at the last real position
-    pos = torch.minimum(ar_t[None, :] + P[:, None] - 1, (Ltot - 1)[:, None])
+    pos = np.minimum(ar_t[None, :] + P[:, None] - 1, (Ltot - 1)[:, None])
     rvalid = ar_t[None, :] < R[:, None]
-    tgt = torch.where(rvalid, tokens[((starts + P)[:, None] + ar_t[None, :]).clamp(max=max(len(tokens) - 1, 0))],
-                      pad_id)
-    mask = (rvalid & real).to(torch.float32)
-    rgather = (torch.from_numpy(_starts(batch.response_lens))[:, None] + ar_t[None, :]).clamp(
-        max=max(len(batch.behaviour_logprobs) - 1, 0))
+    tgt = np.where(rvalid, batch.tokens[np.minimum((starts + P)[:, None] + ar_t[None, :], last_tok)], pad_id)
+    mask = (rvalid & real).astype(np.float32)
+    rgather = np.minimum(_starts(R)[:, None] + ar_t[None, :], max(len(batch.behaviour_logprobs) - 1, 0))
 
-    def per_token(flat: Optional[np.ndarray], fill: float) -> torch.Tensor:
+    def per_token(flat: Optional[np.ndarray], fill: float) -> np.ndarray:
         if flat is None or not len(flat):
-            return torch.full((b, T), fill, dtype=torch.float32)
-        return torch.where(rvalid, _t(flat).to(torch.float32)[rgather], fill)
+            return np.full((b, T), fill, dtype=np.float32)
+        return np.where(rvalid, flat.astype(np.float32, copy=False)[rgather], np.float32(fill))
 
-    old = per_token(batch.behaviour_logprobs, 0.0)
-    isw = per_token(batch.is_weights, 1.0)
-    adv = _t(batch.advantages).to(torch.float32) * float(real)
-    has_old = torch.tensor(batch.has_behaviour)
-    d = device
-    return Collated(ids=ids.to(d), attn=valid.long().to(d), pos=pos.to(d), tgt=tgt.to(d), mask=mask.to(d),
-                    old=old.to(d), has_old=has_old.to(d), adv=adv.to(d), isw=isw.to(d))
+    cols = dict(ids=ids.astype(np.int64), attn=valid.astype(np.int64), pos=pos.astype(np.int64),
+                tgt=tgt.astype(np.int64), mask=mask, old=per_token(batch.behaviour_logprobs, 0.0),
+                has_old=batch.has_behaviour.copy(), adv=batch.advantages.astype(np.float32) * np.float32(real),
+                isw=per_token(batch.is_weights, 1.0))
+    return Collated(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in cols.items()})
