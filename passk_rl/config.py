@@ -140,7 +140,7 @@ class VerifierConfig:
 
 @dataclasses.dataclass
 class LearnerConfig:
-    """Every field except the placement ones (world_size, num_cpus_per_rank) is a ``LearnerWorker`` argument of the
+    """Every field except the placement ones (world_size, num_cpus_per_rank) is a ``LearnerOptions`` field of the
     same name (``LearnerGroup.from_config``); a test keeps the two in step."""
 
     world_size: int = 2  # data-parallel DeepSpeed ranks
@@ -173,10 +173,14 @@ class LearnerConfig:
     )
     # Normaliser of seq_mean_token_sum_norm (Dr. GRPO's constant); None: generator.max_tokens.
     max_response_len: Optional[int] = None
-    kl_coef: float = 0.0  # KL-to-reference penalty (> 0 loads a frozen reference model)
-    # Schulman's KL estimators
+    kl_coef: float = 0.0  # weight of the reference penalty (> 0 loads a frozen reference model)
+    # The divergence to the frozen initial model that kl_coef weighs, with any shaping: "kl" (KL(π‖π_ref) by
+    # kl_estimator) or "js" (Jensen-Shannon, mass-covering as in DPH-RL, arXiv 2509.07430; passk_rl/losses.py)
+    ref_penalty: str = dataclasses.field(default="kl", metadata=_choice("kl", "js"))
+    # Schulman's KL estimators (ref_penalty kl)
     kl_estimator: str = dataclasses.field(default="k3", metadata=_choice("k1", "k2", "k3"))
-    compute_entropy: bool = True  # log the policy's token entropy (one extra pass over the logits)
+    # log the policy's token entropy (from the logits already in memory; off: learner.entropy is null)
+    compute_entropy: bool = True
     gradient_checkpointing: bool = False  # recompute activations in backward (memory for time)
     ds_config_overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)  # merged into the DeepSpeed config
     num_cpus_per_rank: float = 0.5  # Ray CPUs reserved per learner rank

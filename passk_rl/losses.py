@@ -30,16 +30,63 @@ All modes are sums over sequences once the denominators (B, N, T_max) are fixed,
 micro-batching and data parallelism possible: pass the *global* denominators (``num_seqs``, ``num_tokens``,
 ``max_len``) when the batch given is only a part of the full batch; the parts' losses then add up to the
 full-batch loss.
+
+The learner's whole per-micro-batch loss is :func:`learner_loss` (policy term, off-policy weights, reference
+penalty) under one :class:`LossOptions`; :func:`importance_weights` is the off-policy correction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
 
 AGGREGATIONS = ("seq_mean_token_sum", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# The divergence to the frozen reference model that learner.kl_coef weighs (see ref_penalty).
+REF_PENALTIES = ("kl", "js")
+# How a batch sampled by an older policy μ is corrected: "none" (PPO ratio against μ's logprobs, as on-policy),
+# "decoupled_ppo" (ratio and clip against the learner's own logprobs at the start of the update, π_old, times the
+# importance weight π_old/μ per token) or "tis" (the same weight truncated at is_cap).
+OFF_POLICY = ("none", "tis", "decoupled_ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The learner's loss hyperparameters (the ``learner.*`` config fields of the same names)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    aggregation: str = "seq_mean_token_sum"
+    # seq_mean_token_sum_norm's constant normaliser (Dr. GRPO); None: the batch's longest response
+    max_response_len: Optional[int] = None
+    temperature: float = 1.0  # the learner scores softmax(logits / temperature), as the sampler did
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    ref_penalty: str = "kl"
+    off_policy: str = "none"
+    is_cap: float = 2.0
+    compute_entropy: bool = True
+
+    def __post_init__(self):
+        _check_mode(self.aggregation)
+        for name, allowed in (("kl_estimator", KL_ESTIMATORS), ("ref_penalty", REF_PENALTIES),
+                              ("off_policy", OFF_POLICY)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {list(allowed)}")
+        if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
+            raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if not self.is_cap > 1.0:
+            raise ValueError(f"is_cap must be > 1, got {self.is_cap}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 def _check_mode(mode: str) -> None:
@@ -64,6 +111,29 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
         x = x / temperature
     picked = x.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(x, dim=-1)
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                               entropy: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`token_logprobs` and (``entropy=True``) :func:`token_entropy` from one logsumexp over the vocabulary:
+    the entropy then costs one more exp-and-sum over the logits already in memory. The entropy is detached (a
+    metric, never a loss term); None when not asked."""
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match tokens shape {tuple(tokens.shape)} "
+                         f"(expected logits = tokens.shape + (vocab,))")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    lp = x.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return lp, None
+    with torch.no_grad():
+        xd, ld = x.detach(), lse.detach()
+        ent = ld - (torch.exp(xd - ld.unsqueeze(-1)) * xd).sum(-1)
+    return lp, ent
 
 
 def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
@@ -214,3 +284,84 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
     else:
         kl = torch.expm1(delta) - delta
     return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
+def js_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
+               log_ratio_clamp: float = 20.0) -> torch.Tensor:
+    """Per-token Jensen–Shannon divergence JS(π_θ, π_ref) from samples of π_θ, as a loss term (B,T), 0 where masked.
+
+    JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q)/2, is an f-divergence, JS(p, q) = E_{y∼p}[f(q(y)/p(y))] with
+    the generator f(u) = ½ [u log u − (u + 1) log((u + 1)/2)] (convex, f(1) = f'(1) = 0, so f ≥ 0). DPH-RL (Li et
+    al. 2025, "The Choice of Divergence", arXiv 2509.07430) regularises RLVR with such mass-covering divergences
+    (forward KL, JS) toward the initial policy to keep pass@k from collapsing; it evaluates them on samples drawn
+    from the initial policy beforehand. Here the samples are the batch's own (π_θ's, or the behaviour policy's
+    close to it), scored by the frozen reference model online, as the KL term is; so the term combines with any
+    advantage shaping.
+
+    With δ = log π_ref(y) − log π_θ(y) and u = e^δ, per token:
+
+      value     J = f(u) = ½ [u δ − (1 + u) (softplus(δ) − log 2)]          ∈ [0, …), 0 iff π_θ(y) = π_ref(y)
+      gradient  ∂J/∂log π_θ(y) = f(u) − u f'(u) = ½ log(2/(1 + u)) = ½ log(π_θ(y)/m(y))
+
+    The gradient is the pathwise part −u f'(u) plus the score-function part f(u) (a stop-gradient copy of the value
+    times log π_θ), so that E_{y∼π_θ}[∂J/∂θ] = ∇_θ JS(π_θ, π_ref) exactly for each context — unlike a pathwise-only
+    estimator, whose expected gradient is a different divergence's. ``ref_logprobs`` is constant.
+    """
+    if logprobs.shape != ref_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same shape")
+    delta = (ref_logprobs.detach().to(logprobs.dtype) - logprobs).clamp(-log_ratio_clamp, log_ratio_clamp)
+    u = torch.exp(delta)
+    value = 0.5 * (u * delta - (1.0 + u) * (torch.nn.functional.softplus(delta) - math.log(2.0)))
+    js = value + value.detach() * (logprobs - logprobs.detach())
+    return torch.where(mask.bool(), js, torch.zeros_like(js))
+
+
+def ref_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *, kind: str = "kl",
+                estimator: str = "k3") -> torch.Tensor:
+    """Per-token divergence to the reference (B,T): ``kind="kl"`` → :func:`kl_penalty` with ``estimator``,
+    ``"js"`` → :func:`js_penalty`."""
+    if kind not in REF_PENALTIES:
+        raise ValueError(f"unknown ref_penalty {kind!r}; allowed: {list(REF_PENALTIES)}")
+    if kind == "js":
+        return js_penalty(logprobs, ref_logprobs, mask)
+    return kl_penalty(logprobs, ref_logprobs, mask, estimator=estimator)
+
+
+def importance_weights(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, *, mode: str, cap: float,
+                       has_behaviour: Optional[torch.Tensor] = None, log_ratio_clamp: float = 20.0) -> torch.Tensor:
+    """Off-policy correction weights per token: w = π_old/μ = exp(log π_old − log μ) (log ratio clamped to
+    ±``log_ratio_clamp``), truncated at ``cap`` for ``mode="tis"``; 1 where ``has_behaviour`` is False (no μ: the
+    token is on-policy). Any shape; float64 out."""
+    if mode not in OFF_POLICY or mode == "none":
+        raise ValueError(f"importance_weights mode must be 'tis' or 'decoupled_ppo', got {mode!r}")
+    w = torch.exp((logprobs.double() - behaviour_logprobs.double()).clamp(-log_ratio_clamp, log_ratio_clamp))
+    if mode == "tis":
+        w = w.clamp(max=float(cap))
+    if has_behaviour is not None:
+        w = torch.where(has_behaviour.bool(), w, torch.ones_like(w))
+    return w
+
+
+def learner_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 *, opts: LossOptions, num_seqs: float, num_tokens: float, max_len: float,
+                 is_weights: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+    """One micro-batch's part of the full-batch loss: the PPO term (:func:`policy_loss`, with ``is_weights`` when
+    ``opts.off_policy`` corrects) plus ``kl_coef`` × the aggregated reference penalty (:func:`ref_penalty`, when
+    ``ref_logprobs`` are given). Denominators are the global ones (see the module docstring).
+
+    Returns (total, policy term, reference term or None, metrics of :func:`policy_loss` plus ``ref_sum``: the sum
+    of the per-token penalty over the mask)."""
+    denoms = dict(num_seqs=num_seqs, num_tokens=num_tokens, max_len=max_len)
+    pg, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=opts.clip_low,
+                              clip_high=opts.clip_high, dual_clip=opts.dual_clip, aggregation=opts.aggregation,
+                              is_weights=is_weights if opts.off_policy != "none" else None, **denoms)
+    total, ref_term = pg, None
+    if ref_logprobs is not None:
+        tok = ref_penalty(logprobs, ref_logprobs, mask, kind=opts.ref_penalty, estimator=opts.kl_estimator)
+        ref_term = aggregate(tok, mask, mode=opts.aggregation, **denoms)
+        if opts.kl_coef > 0:
+            total = total + opts.kl_coef * ref_term
+        metrics["ref_sum"] = tok.detach().sum()
+    return total, pg, ref_term, metrics

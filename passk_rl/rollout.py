@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from passk_rl.batch import Batch
 from passk_rl.config import check_field
 from passk_rl.tasks import Prompt
 
@@ -42,6 +43,16 @@ class Rollout:
     order_before: tuple  # (order list, rng state) before this batch's prompts were drawn
     generate_seconds: float
     verify_seconds: float
+
+    def learner_batch(self, advantages: np.ndarray) -> Batch:
+        """The learner's batch: every sample (prompt-major) with its advantage from ``advantages`` (G, n), as
+        columns (passk_rl/batch.py)."""
+        adv = np.asarray(advantages, dtype=np.float64)
+        if adv.shape != self.rewards.shape:
+            raise ValueError(f"advantages have shape {adv.shape}, the rollout's rewards {self.rewards.shape}")
+        flat = [s for group in self.samples for s in group]
+        return Batch.from_columns([s.prompt_token_ids for s in flat], [s.token_ids for s in flat], adv.reshape(-1),
+                                  [s.logprobs for s in flat])
 
 
 class RolloutStage:

@@ -307,11 +307,7 @@ class Trainer:
         if step < cfg.run.steps:
             self.rollout.prefetch(step + 1)  # max_staleness 1: the next batch is sampled while the learner trains
         with timer.phase("update"):
-            batch = [
-                {"prompt_token_ids": s.prompt_token_ids, "response_token_ids": s.token_ids,
-                 "behaviour_logprobs": s.logprobs, "advantage": float(advantages[i, j])}
-                for i, group in enumerate(samples) for j, s in enumerate(group)
-            ]
+            batch = ro.learner_batch(advantages)  # columns (passk_rl/batch.py); batch[0] is one sample's dict
             if bad_advantages:
                 train_metrics: Dict[str, Any] = {"skipped": "advantages"}
                 update_skipped = True

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.learner import LearnerGroup, shard_by_tokens, validate_batch
+from actors.learner import LearnerGroup, shard_by_tokens
+from passk_rl.batch import Batch
 from passk_rl.losses import aggregate, kl_penalty, policy_loss
+from tests.learner_helpers import loss_gradient
 
 REPO = str(Path(__file__).resolve().parents[1])
 # Adam's first step is lr·g/(|g|+eps): for coordinates with |g| ≈ eps it amplifies float-summation noise (the
@@ -45,15 +47,44 @@ def test_shard_by_tokens_balances_and_covers():
 
 def test_validate_batch_errors_name_sample_and_key():
     good = {"prompt_token_ids": [1, 2], "response_token_ids": [3], "behaviour_logprobs": [-0.5], "advantage": 1.0}
-    assert validate_batch([good])[0]["behaviour_logprobs"] == [-0.5]
+    assert Batch.from_samples([good])[0]["behaviour_logprobs"] == [-0.5]
     with pytest.raises(ValueError, match=r"batch\[1\] is missing key 'advantage'"):
-        validate_batch([good, {"prompt_token_ids": [1], "response_token_ids": [2]}])
+        Batch.from_samples([good, {"prompt_token_ids": [1], "response_token_ids": [2]}])
     with pytest.raises(ValueError, match=r"batch\[0\]: behaviour_logprobs has 2 entries but response_token_ids has 1"):
-        validate_batch([{**good, "behaviour_logprobs": [-1.0, -2.0]}])
-    with pytest.raises(ValueError, match="prompt_token_ids is empty"):
-        validate_batch([{**good, "prompt_token_ids": []}])
-    with pytest.raises(ValueError, match="not finite"):
-        validate_batch([{**good, "advantage": float("nan")}])
+        Batch.from_samples([{**good, "behaviour_logprobs": [-1.0, -2.0]}])
+    with pytest.raises(ValueError, match=r"batch\[1\]: prompt_token_ids is empty"):
+        Batch.from_samples([good, {**good, "prompt_token_ids": []}])
+    with pytest.raises(ValueError, match=r"batch\[1\]: advantage is not finite"):
+        Batch.from_samples([good, {**good, "advantage": float("nan")}])
+    with pytest.raises(ValueError, match=r"batch\[2\]: behaviour_logprobs contains NaN"):
+        Batch.from_samples([good, good, {**good, "behaviour_logprobs": [float("nan")]}])
+    with pytest.raises(ValueError, match="must be a Batch or a list"):
+        Batch.from_samples({"prompt_token_ids": [1]})
+    # columns that do not fit together are refused too (a batch built by hand or damaged in transit)
+    b = Batch.from_samples([good, good])
+    b.response_lens = b.response_lens + 1
+    with pytest.raises(ValueError, match="tokens has 6 entries, the lengths add up to 8"):
+        b.validate()
+
+
+def test_batch_columns_round_trip_and_select():
+    samples = [{"prompt_token_ids": [5, 6, 7], "response_token_ids": [8, 9], "behaviour_logprobs": [-0.1, -0.2],
+                "advantage": 0.5},
+               {"prompt_token_ids": [4], "response_token_ids": [], "behaviour_logprobs": [], "advantage": -1.0},
+               {"prompt_token_ids": [1, 2], "response_token_ids": [3, 3, 3], "behaviour_logprobs": None,
+                "advantage": 2.0}]
+    b = Batch.from_samples(samples)
+    assert len(b) == 3 and b.tokens.tolist() == [5, 6, 7, 8, 9, 4, 1, 2, 3, 3, 3]
+    for i, s in enumerate(samples):
+        got = b[i]
+        assert got["prompt_token_ids"] == s["prompt_token_ids"] and got["response_token_ids"] == s["response_token_ids"]
+        assert got["advantage"] == s["advantage"]
+        want_lp = None if s["behaviour_logprobs"] is None else pytest.approx(s["behaviour_logprobs"])
+        assert got["behaviour_logprobs"] == want_lp
+    sub = b.select([2, 0])
+    assert [sub[0]["response_token_ids"], sub[1]["response_token_ids"]] == [[3, 3, 3], [8, 9]]
+    assert sub[1]["behaviour_logprobs"] == pytest.approx([-0.1, -0.2]) and sub[0]["behaviour_logprobs"] is None
+    assert shard_by_tokens(b, 2) == shard_by_tokens(samples, 2)
 
 
 # ---------------------------------------------------------------------------- torch reference
@@ -230,7 +261,7 @@ def test_shaping_advantages_reach_the_loss_gradient(stage, request, model_path):
         batch = [{"prompt_token_ids": prompt, "response_token_ids": r, "behaviour_logprobs": None,
                   "advantage": float(a)}
                  for r, a in zip(responses, adv)]
-        got = group.loss_gradient(batch)
+        got = loss_gradient(group, batch)
         model.zero_grad()
         direct = -sum(float(adv[i]) * _seq_logprobs(model, prompt, responses[i]).sum() for i in range(n)) / n
         direct.backward()

@@ -268,3 +268,92 @@ def test_token_logprobs_stable_and_matches_log_softmax():
     torch.testing.assert_close(ent, -(p * torch.log(p)).sum(-1))
     with pytest.raises(ValueError, match="does not match"):
         token_logprobs(logits, tok[:, :2])
+
+
+# ---------------------------------------------------------------------------- reference penalty: JS (issue 20)
+
+
+def _js_exact(p, q):
+    m = 0.5 * (p + q)
+    return 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+
+
+def test_js_penalty_value_and_gradient_match_direct_computation():
+    from passk_rl.losses import js_penalty
+
+    g = torch.Generator().manual_seed(0)
+    lp = (-4 * torch.rand(3, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    ref = lp.detach() + torch.randn(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    js = js_penalty(lp, ref, mask)
+    # value: the JS generator f(u) = ½[u log u − (u+1) log((u+1)/2)] at u = π_ref/π_θ, from the probabilities
+    u = (ref - lp.detach()).exp()
+    want = 0.5 * (u * u.log() - (u + 1) * ((u + 1) / 2).log())
+    torch.testing.assert_close(js.detach(), torch.where(mask.bool(), want, torch.zeros_like(want)), rtol=1e-12,
+                               atol=1e-12)
+    assert (js.detach() >= 0).all() and float(js_penalty(ref, ref, mask).abs().max()) < 1e-15
+    # gradient per token: ½ log(2π_θ / (π_θ + π_ref)) = ½ log(π_θ / m)
+    js.sum().backward()
+    p, q = lp.detach().exp(), ref.exp()
+    want_g = 0.5 * (2 * p / (p + q)).log()
+    torch.testing.assert_close(lp.grad, torch.where(mask.bool(), want_g, torch.zeros_like(want_g)), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_js_penalty_is_unbiased_for_js_and_its_gradient_between_categoricals():
+    """Over a categorical π_θ = softmax(θ): E_{y∼π_θ}[J(y)] = JS(π_θ, π_ref) and E_{y∼π_θ}[∂J(y)/∂θ] = ∇_θ JS."""
+    from passk_rl.losses import js_penalty
+
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(7, generator=g, dtype=torch.float64), -1)
+    exact = _js_exact(torch.softmax(theta, -1), q)
+    (grad_exact,) = torch.autograd.grad(exact, theta)
+    logp = torch.log_softmax(theta, -1)
+    per_token = js_penalty(logp[None, :], q.log()[None, :], torch.ones(1, 7))[0]  # J at every possible token
+    p = logp.detach().exp()
+    assert float((p * per_token.detach()).sum()) == pytest.approx(float(exact), rel=1e-12)
+    (grad_est,) = torch.autograd.grad((p * per_token).sum(), theta)  # Σ_y π(y) ∂J(y)/∂θ (weights held fixed)
+    torch.testing.assert_close(grad_est, grad_exact, rtol=1e-10, atol=1e-12)
+
+
+def test_ref_penalty_dispatch_and_learner_loss_adds_it():
+    from passk_rl.losses import LossOptions, js_penalty, learner_loss, ref_penalty
+
+    g = torch.Generator().manual_seed(2)
+    lp = -torch.rand(2, 4, generator=g)
+    ref = lp - 0.3 * torch.rand(2, 4, generator=g)
+    mask = torch.ones(2, 4)
+    torch.testing.assert_close(ref_penalty(lp, ref, mask, kind="js"), js_penalty(lp, ref, mask))
+    torch.testing.assert_close(ref_penalty(lp, ref, mask, kind="kl", estimator="k2"),
+                               kl_penalty(lp, ref, mask, estimator="k2"))
+    with pytest.raises(ValueError, match="unknown ref_penalty"):
+        ref_penalty(lp, ref, mask, kind="fkl")
+    adv = torch.tensor([1.0, -0.5])
+    denoms = dict(num_seqs=2.0, num_tokens=8.0, max_len=4.0)
+    for kind in ("kl", "js"):
+        opts = LossOptions(kl_coef=0.3, ref_penalty=kind)
+        total, pg, term, m = learner_loss(lp, lp, adv, mask, opts=opts, ref_logprobs=ref, **denoms)
+        assert float(term) > 0
+        assert float(total) == pytest.approx(float(pg) + 0.3 * float(term))
+        assert float(m["ref_sum"]) == pytest.approx(float(ref_penalty(lp, ref, mask, kind=kind).sum()))
+    with pytest.raises(ValueError, match="unknown ref_penalty 'x'"):
+        LossOptions(ref_penalty="x")
+    with pytest.raises(ValueError, match="is_cap must be > 1"):
+        LossOptions(is_cap=1.0)
+
+
+def test_token_logprobs_and_entropy_share_one_pass_and_match_the_separate_ones():
+    from passk_rl.losses import token_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 6, 50, generator=g) * 4
+    tokens = torch.randint(0, 50, (3, 6), generator=g)
+    for T in (1.0, 0.7):
+        lp, ent = token_logprobs_and_entropy(logits, tokens, temperature=T)
+        torch.testing.assert_close(lp, token_logprobs(logits, tokens, temperature=T), rtol=0, atol=1e-6)
+        torch.testing.assert_close(ent, token_entropy(logits, temperature=T), rtol=0, atol=1e-5)
+        assert not ent.requires_grad
+    lp, ent = token_logprobs_and_entropy(logits, tokens, entropy=False)
+    assert ent is None

@@ -94,7 +94,9 @@ def test_update_is_the_shaped_gradient_of_the_tempered_policy(learner, samples):
     adv = shaping.shape("pkpo_loo_minus_one", torch.tensor(rewards), k=4)[0]
     batch = [{"prompt_token_ids": s.prompt_token_ids, "response_token_ids": s.token_ids,
               "behaviour_logprobs": s.logprobs, "advantage": float(a)} for s, a in zip(out, adv)]
-    got = learner.loss_gradient(batch)
+    from tests.learner_helpers import loss_gradient
+
+    got = loss_gradient(learner, batch)
     model = AutoModelForCausalLM.from_pretrained(BUILTIN_DIR, dtype=torch.float32)
     n = len(out)
     direct = -sum(float(adv[i]) * _tempered_logprobs(model, out[i].prompt_token_ids, out[i].token_ids, T).sum()
@@ -121,13 +123,12 @@ def test_ppo_epochs_and_mini_batches_take_several_clipped_steps(learner, samples
 
 def test_every_learner_config_field_reaches_the_worker():
     """LearnerGroup.from_config passes every LearnerConfig field by name: a field added to the config but not to
-    LearnerWorker would fail at the first run; this test fails first."""
+    LearnerOptions would fail at the first run; this test fails first."""
     import dataclasses
-    import inspect
 
-    from actors.learner import LearnerWorker
+    from actors.learner import LearnerOptions
     from passk_rl.config import LearnerConfig
 
-    params = set(inspect.signature(LearnerWorker.__init__).parameters)
+    params = LearnerOptions.flat_names()
     fields = {f.name for f in dataclasses.fields(LearnerConfig)} - set(LearnerGroup.PLACEMENT_FIELDS)
     assert fields <= params, fields - params
