@@ -250,7 +250,7 @@ class VLLMGenerator:
         learner sends, so this call blocks until the learner's stream has arrived."""
         if self.transport is None:
             raise RuntimeError("sync_weights: this generator was built without a weight transport")
-        from cluster.collective import PartialWeightsError
+        from cluster.weights import PartialWeightsError
 
         t0 = time.perf_counter()
         try:
@@ -380,8 +380,8 @@ class GeneratorPool:
         self.max_restarts = int(max_restarts)
         self.restarts = 0
         self.current_handle: Any = None  # the weights every engine holds (None: the model it started from)
-        # Called after an engine is replaced, instead of loading current_handle into it alone: a streaming
-        # transport (collective) re-forms its group and re-sends to every engine (the trainer sets it).
+        # Called with the engine's index after it is replaced, instead of load_current: how a replaced engine gets
+        # the current weights is the transport's business (cluster.transports.WeightSync sets it).
         self.restart_hook: Optional[Any] = None
         self._spawn = lambda i: GeneratorActor.create(
             kwargs, num_cpus=num_cpus_per_engine, placement_group=placement_group,
@@ -425,8 +425,15 @@ class GeneratorPool:
         if not load:
             return
         if self.restart_hook is not None:
-            self.restart_hook()
-        elif self.current_handle is not None:
+            self.restart_hook(e)
+        else:
+            self.load_current(e)
+
+    def load_current(self, e: int) -> None:
+        """Load the weights of the last ``sync_weights`` into engine ``e`` alone (nothing before the first)."""
+        import ray
+
+        if self.current_handle is not None:
             ray.get(self.engines[e].sync_weights.remote(self.current_handle))
 
     def _gather(self, calls: Dict[int, Any], *, budget: Optional[int] = None) -> Dict[int, Any]:
@@ -535,15 +542,14 @@ class GeneratorPool:
                 out[i] = r
         return out
 
-    def sync_weights(self, handle: Any) -> Dict[str, Any]:
-        """Apply ``handle`` on every engine in parallel; ``{"step", "seconds" (wall), "engines": [reports]}``."""
+    def sync_weights(self, handle: Any, *, max_restarts: Optional[int] = None) -> Dict[str, Any]:
+        """Apply ``handle`` on every engine in parallel; ``{"step", "seconds" (wall), "engines": [reports]}``.
+        ``max_restarts``: engine restarts allowed inside this call (default ``self.max_restarts``; a transport
+        whose version cannot be re-sent to one engine alone passes 0)."""
         t0 = time.perf_counter()
         self.current_handle = handle  # an engine restarted from now on loads these
-        # A streamed version cannot be re-sent to one engine mid-broadcast: a death here is EngineLost (the run
-        # checkpoints and stops); the file transport just restarts the engine and has it read the file again.
-        budget = 0 if getattr(handle, "kind", "") == "collective" else None
         got = self._gather({e: (lambda actor: actor.sync_weights.remote(handle)) for e in range(self.num_engines)},
-                           budget=budget)
+                           budget=max_restarts)
         return {"step": handle.step, "seconds": time.perf_counter() - t0, "engines": [got[e] for e in sorted(got)]}
 
     def info(self) -> List[Dict[str, Any]]:

@@ -178,7 +178,7 @@ class Trainer:
         from actors.verifier import VerifierPool
         from cluster.devices import device_spec
         from cluster.placement import reserve
-        from cluster.weight_sync import WeightSync, make_transport
+        from cluster.transports import WeightSync, transport_from_config
         from passk_rl.metrics import create_dashboard_actor
 
         self.started_ray = init_ray(cfg)
@@ -201,19 +201,13 @@ class Trainer:
                                       shaping=cfg.algorithm.shaping)
         if cfg.logging.ray_metrics:
             self.dash = create_dashboard_actor(cfg.run.name, cfg.logging.pass_at_ks)
-        sync_opts = ({"root": cfg.sync.root, "keep_last": cfg.sync.keep_last, "verify_checksum": cfg.sync.verify_checksum}
-                     if cfg.sync.transport == "shm_safetensors" else
-                     {"device": cfg.cluster.device, "bucket_mb": cfg.sync.bucket_mb, "timeout_s": cfg.sync.timeout_s})
-        self.transport = make_transport(cfg.sync.transport, run_name=cfg.run.name, **sync_opts)
+        self.transport = transport_from_config(cfg)
         self.verifier = VerifierPool.from_config(cfg)
         self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
                                              placement_group=self.placement.generator_pg)
         self.learner = LearnerGroup.from_config(cfg, self.model_path, placement_group=self.placement.learner_pg)
         self.weight_sync = WeightSync(self.learner, self.gen, self.transport,
                                       workers_per_engine=cfg.generator.tensor_parallel_size)
-        if getattr(self.transport, "streams", False):
-            # a replaced engine cannot take a broadcast alone: the whole group is re-formed and re-sent
-            self.gen.restart_hook = lambda: self.weight_sync.sync(self.rollout.weights_version)
         g, L = cfg.generator, cfg.learner
         # where every part runs (several nodes: engines and ranks may sit on different ones)
         (self.run_dir / "placement.json").write_text(json.dumps({
