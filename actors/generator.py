@@ -157,12 +157,40 @@ class VLLMGenerator:
                              f"but the {transport.kind!r} weight transport needs {extension!r}")
         kwargs.update(engine_kwargs or {})
 
+        import tempfile
+
+        from cluster.worker_logs import ENGINE_ERRORS_ENV, engine_error, use_vllm_logging_config
+
+        # The engine's own error text, should it die starting or at its first request: its processes log it (and
+        # the client only says "EngineCore encountered an issue"), so their ERROR records also go to a file here.
+        use_vllm_logging_config()
+        fd, errors = tempfile.mkstemp(prefix="passk_rl_engine_errors_", suffix=".log")
+        os.close(fd)
+        os.environ[ENGINE_ERRORS_ENV] = errors
         from vllm import LLM
 
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+            self._first_request()
+        except Exception as e:  # noqa: BLE001 - re-raised with the engine's own words
+            cause = engine_error(errors) or f"{type(e).__name__}: {str(e).strip()[:500]}"
+            raise EngineStartError(f"the vLLM engine for {self.model_path} could not start or serve its first "
+                                   f"request ({cause}); restarting it cannot help") from e
+        finally:
+            os.environ.pop(ENGINE_ERRORS_ENV, None)
+            Path(errors).unlink(missing_ok=True)
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
+
+    def _first_request(self) -> None:
+        """One greedy token: some model shapes start fine and only fail at their first forward (vLLM's CPU
+        attention supports a fixed set of head sizes), which must show here, once, not as a crash mid-run that a
+        restart would repeat. Greedy: no random state is used, so seeded sampling is unchanged."""
+        from vllm import SamplingParams
+
+        self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, temperature=0.0),
+                          use_tqdm=False)
 
     # ------------------------------------------------------------------------------------------ sampling
     def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -315,6 +343,20 @@ class EngineLost(RuntimeError):
     """A generator engine died and could not be brought back (the message says which and how often it was tried)."""
 
 
+class EngineStartError(EngineLost):
+    """An engine could not start or serve its first request (an unsupported head size, dtype or architecture):
+    never restarted, since a new engine would fail the same way. The message carries the engine's own error."""
+
+
+def start_error(err: BaseException) -> Optional[str]:
+    """The text of an :class:`EngineStartError` raised in an actor's constructor, from the Ray error around it."""
+    text = str(err)
+    mark = "EngineStartError: "
+    if mark not in text:
+        return None
+    return text[text.rindex(mark) + len(mark):].strip().splitlines()[0]
+
+
 def _engine_died(err: BaseException) -> bool:
     """Whether ``err`` means the engine is gone: its actor process died (RayActorError), or the vLLM engine core
     process inside a live actor died (the actor then raises EngineDeadError on every call)."""
@@ -389,8 +431,10 @@ class GeneratorPool:
         self.engines = [self._spawn(i) for i in range(num_engines)]
         try:
             self.engine_info = ray.get([e.ready.remote() for e in self.engines])
-        except Exception:
+        except Exception as err:
             self.shutdown()
+            if start_error(err):
+                raise EngineStartError(start_error(err)) from None
             raise
 
     def replace_dead(self) -> bool:
@@ -421,7 +465,12 @@ class GeneratorPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.engines[e] = self._spawn(e)
-        self.engine_info[e] = ray.get(self.engines[e].ready.remote())
+        try:
+            self.engine_info[e] = ray.get(self.engines[e].ready.remote())
+        except Exception as err:
+            if start_error(err):  # a new engine fails the same way: stop here, with its reason
+                raise EngineStartError(f"generator engine {e} was restarted and {start_error(err)}") from None
+            raise
         if not load:
             return
         if self.restart_hook is not None:
