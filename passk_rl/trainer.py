@@ -143,6 +143,7 @@ class Trainer:
         self._health: List[Dict[str, int]] = []  # per-step verdict counts of the verifier health window
         self._probed = False  # the first sync of this process is always probed
         self.last_step = 0  # the last step finished (trained, synced, logged)
+        self._first_step, self._t_loop = 1, time.perf_counter()  # where this process's loop began: the ETA
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -423,8 +424,8 @@ class Trainer:
     def eta(self, step: int) -> str:
         """Time left for the remaining steps at this process's mean wall time per step so far (evaluations and
         checkpoints included), as H:MM:SS."""
-        done = step - getattr(self, "_first_step", step) + 1
-        per_step = (time.perf_counter() - getattr(self, "_t_loop", time.perf_counter())) / max(done, 1)
+        done = step - self._first_step + 1
+        per_step = (time.perf_counter() - self._t_loop) / max(done, 1)
         left = int(round(per_step * max(self.cfg.run.steps - step, 0)))
         return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
