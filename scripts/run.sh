@@ -84,9 +84,9 @@ done
 STOP_CMD="RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TMP/auth_token $ROOT/.venv/bin/ray job stop --address $ADDR $JOB_ID"
 echo "[run] job $JOB_ID submitted. Ctrl-C stops it after the current step with a checkpoint; so does, from another shell:"
 echo "[run]   $STOP_CMD"
-# The job's own output; the CLI's connection chatter (INFO/SUCC lines of cli.py, sdk.py) is left out.
+# The job's own output; the CLI's connection chatter (INFO/SUCC/WARN lines of cli.py, sdk.py: the script says itself how the job ended) is left out.
 ray job logs --address "$ADDR" --follow "$JOB_ID" 2>&1 \
-  | grep --line-buffered -v -E '^[0-9-]+ [0-9:,]+[[:space:]]+(INFO|SUCC) (cli|sdk)\.py:' &
+  | grep --line-buffered -v -E '^[0-9-]+ [0-9:,]+[[:space:]]+(INFO|SUCC|WARN) (cli|sdk)\.py:' &
 FOLLOW=$!
 STOPPING=0
 stop_job() {

@@ -26,6 +26,14 @@ def _script(tmp_path: Path, log: str, *overrides: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _abort(proc: subprocess.Popen) -> None:
+    """After a failed assertion: the script's own stop (it stops the job, then the Ray cluster it started, which
+    runs in a session of its own and would outlive a SIGKILL of the script)."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGINT)
+        _finish(proc, timeout=600)
+
+
 def _finish(proc: subprocess.Popen, timeout: float = 900) -> int:
     try:
         return proc.wait(timeout)
@@ -42,7 +50,11 @@ def test_ctrl_c_stops_at_a_step_boundary_the_printed_stop_command_works_and_resu
     run_dir = tmp_path / "cc"
     t0 = time.time()
     proc = _script(tmp_path, "first.log", "run.steps=30")
-    _wait_for_step(run_dir, 2, proc)
+    try:
+        _wait_for_step(run_dir, 2, proc)
+    except BaseException:
+        _abort(proc)
+        raise
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends (to the script; the job is not in its process group)
     rc = _finish(proc)
     out = (tmp_path / "first.log").read_text()
@@ -58,13 +70,17 @@ def test_ctrl_c_stops_at_a_step_boundary_the_printed_stop_command_works_and_resu
 
     t1 = time.time()
     proc = _script(tmp_path, "second.log", f"run.steps={last + 10}", "run.resume=true")
-    _wait_for_step(run_dir, last + 1, proc)
-    out = (tmp_path / "second.log").read_text()
-    stop = re.search(r"^\[run\]   (RAY_AUTH_MODE=token .* ray job stop .*)$", out, re.M)
-    assert stop, out[-3000:]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    r = subprocess.run(["bash", "-c", stop.group(1)], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        _wait_for_step(run_dir, last + 1, proc)
+        out = (tmp_path / "second.log").read_text()
+        stop = re.search(r"^\[run\]   (RAY_AUTH_MODE=token \S+ \S*ray job stop .*)$", out, re.M)
+        assert stop, out[-3000:]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        r = subprocess.run(["bash", "-c", stop.group(1)], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+    except BaseException:
+        _abort(proc)
+        raise
     rc = _finish(proc)
     out = (tmp_path / "second.log").read_text()
     steps = [x["step"] for x in _records(run_dir)]
