@@ -49,7 +49,7 @@ def test_ctrl_c_stops_at_a_step_boundary_the_printed_stop_command_works_and_resu
 
     run_dir = tmp_path / "cc"
     t0 = time.time()
-    proc = _script(tmp_path, "first.log", "run.steps=30")
+    proc = _script(tmp_path, "first.log", "run.steps=1000")  # far more than it runs: it stops first
     try:
         _wait_for_step(run_dir, 2, proc)
     except BaseException:
@@ -65,11 +65,11 @@ def test_ctrl_c_stops_at_a_step_boundary_the_printed_stop_command_works_and_resu
     ck, _ = checkpoint.usable(run_dir / "checkpoints")
     assert ck is not None and checkpoint.step_of(ck) == last  # nothing trained after the checkpoint
     assert not re.search(r"\bWARNING\b", out), [x for x in out.splitlines() if "WARNING" in x][:5]
-    assert re.search(rf"step {last}/30 .* ETA \d+:\d\d:\d\d", out)
+    assert re.search(rf"step {last}/1000 .* ETA \d+:\d\d:\d\d", out)
     print(f"Ctrl-C run: stopped at step {last}, {time.time() - t0:.0f}s")
 
     t1 = time.time()
-    proc = _script(tmp_path, "second.log", f"run.steps={last + 10}", "run.resume=true")
+    proc = _script(tmp_path, "second.log", f"run.steps={last + 1000}", "run.resume=true")
     try:
         _wait_for_step(run_dir, last + 1, proc)
         out = (tmp_path / "second.log").read_text()
