@@ -157,12 +157,40 @@ class VLLMGenerator:
                              f"but the {transport.kind!r} weight transport needs {extension!r}")
         kwargs.update(engine_kwargs or {})
 
+        import tempfile
+
+        from cluster.worker_logs import ENGINE_ERRORS_ENV, engine_error, use_vllm_logging_config
+
+        # The engine's own error text, should it die starting or at its first request: its processes log it (and
+        # the client only says "EngineCore encountered an issue"), so their ERROR records also go to a file here.
+        use_vllm_logging_config()
+        fd, errors = tempfile.mkstemp(prefix="passk_rl_engine_errors_", suffix=".log")
+        os.close(fd)
+        os.environ[ENGINE_ERRORS_ENV] = errors
         from vllm import LLM
 
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+            self._first_request()
+        except Exception as e:  # noqa: BLE001 - re-raised with the engine's own words
+            cause = engine_error(errors) or f"{type(e).__name__}: {str(e).strip()[:500]}"
+            raise EngineStartError(f"the vLLM engine for {self.model_path} could not start or serve its first "
+                                   f"request ({cause}); restarting it cannot help") from e
+        finally:
+            os.environ.pop(ENGINE_ERRORS_ENV, None)
+            Path(errors).unlink(missing_ok=True)
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
+
+    def _first_request(self) -> None:
+        """One greedy token: some model shapes start fine and only fail at their first forward (vLLM's CPU
+        attention supports a fixed set of head sizes), which must show here, once, not as a crash mid-run that a
+        restart would repeat. Greedy: no random state is used, so seeded sampling is unchanged."""
+        from vllm import SamplingParams
+
+        self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, temperature=0.0),
+                          use_tqdm=False)
 
     # ------------------------------------------------------------------------------------------ sampling
     def generate(self, prompts: Sequence[Prompt], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -250,7 +278,7 @@ class VLLMGenerator:
         learner sends, so this call blocks until the learner's stream has arrived."""
         if self.transport is None:
             raise RuntimeError("sync_weights: this generator was built without a weight transport")
-        from cluster.collective import PartialWeightsError
+        from cluster.weights import PartialWeightsError
 
         t0 = time.perf_counter()
         try:
@@ -313,6 +341,20 @@ class GeneratorActor(VLLMGenerator):
 
 class EngineLost(RuntimeError):
     """A generator engine died and could not be brought back (the message says which and how often it was tried)."""
+
+
+class EngineStartError(EngineLost):
+    """An engine could not start or serve its first request (an unsupported head size, dtype or architecture):
+    never restarted, since a new engine would fail the same way. The message carries the engine's own error."""
+
+
+def start_error(err: BaseException) -> Optional[str]:
+    """The text of an :class:`EngineStartError` raised in an actor's constructor, from the Ray error around it."""
+    text = str(err)
+    mark = "EngineStartError: "
+    if mark not in text:
+        return None
+    return text[text.rindex(mark) + len(mark):].strip().splitlines()[0]
 
 
 def _engine_died(err: BaseException) -> bool:
@@ -380,8 +422,8 @@ class GeneratorPool:
         self.max_restarts = int(max_restarts)
         self.restarts = 0
         self.current_handle: Any = None  # the weights every engine holds (None: the model it started from)
-        # Called after an engine is replaced, instead of loading current_handle into it alone: a streaming
-        # transport (collective) re-forms its group and re-sends to every engine (the trainer sets it).
+        # Called with the engine's index after it is replaced, instead of load_current: how a replaced engine gets
+        # the current weights is the transport's business (cluster.transports.WeightSync sets it).
         self.restart_hook: Optional[Any] = None
         self._spawn = lambda i: GeneratorActor.create(
             kwargs, num_cpus=num_cpus_per_engine, placement_group=placement_group,
@@ -389,8 +431,10 @@ class GeneratorPool:
         self.engines = [self._spawn(i) for i in range(num_engines)]
         try:
             self.engine_info = ray.get([e.ready.remote() for e in self.engines])
-        except Exception:
+        except Exception as err:
             self.shutdown()
+            if start_error(err):
+                raise EngineStartError(start_error(err)) from None
             raise
 
     def replace_dead(self) -> bool:
@@ -421,12 +465,24 @@ class GeneratorPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.engines[e] = self._spawn(e)
-        self.engine_info[e] = ray.get(self.engines[e].ready.remote())
+        try:
+            self.engine_info[e] = ray.get(self.engines[e].ready.remote())
+        except Exception as err:
+            if start_error(err):  # a new engine fails the same way: stop here, with its reason
+                raise EngineStartError(f"generator engine {e} was restarted and {start_error(err)}") from None
+            raise
         if not load:
             return
         if self.restart_hook is not None:
-            self.restart_hook()
-        elif self.current_handle is not None:
+            self.restart_hook(e)
+        else:
+            self.load_current(e)
+
+    def load_current(self, e: int) -> None:
+        """Load the weights of the last ``sync_weights`` into engine ``e`` alone (nothing before the first)."""
+        import ray
+
+        if self.current_handle is not None:
             ray.get(self.engines[e].sync_weights.remote(self.current_handle))
 
     def _gather(self, calls: Dict[int, Any], *, budget: Optional[int] = None) -> Dict[int, Any]:
@@ -535,15 +591,14 @@ class GeneratorPool:
                 out[i] = r
         return out
 
-    def sync_weights(self, handle: Any) -> Dict[str, Any]:
-        """Apply ``handle`` on every engine in parallel; ``{"step", "seconds" (wall), "engines": [reports]}``."""
+    def sync_weights(self, handle: Any, *, max_restarts: Optional[int] = None) -> Dict[str, Any]:
+        """Apply ``handle`` on every engine in parallel; ``{"step", "seconds" (wall), "engines": [reports]}``.
+        ``max_restarts``: engine restarts allowed inside this call (default ``self.max_restarts``; a transport
+        whose version cannot be re-sent to one engine alone passes 0)."""
         t0 = time.perf_counter()
         self.current_handle = handle  # an engine restarted from now on loads these
-        # A streamed version cannot be re-sent to one engine mid-broadcast: a death here is EngineLost (the run
-        # checkpoints and stops); the file transport just restarts the engine and has it read the file again.
-        budget = 0 if getattr(handle, "kind", "") == "collective" else None
         got = self._gather({e: (lambda actor: actor.sync_weights.remote(handle)) for e in range(self.num_engines)},
-                           budget=budget)
+                           budget=max_restarts)
         return {"step": handle.step, "seconds": time.perf_counter() - t0, "engines": [got[e] for e in sorted(got)]}
 
     def info(self) -> List[Dict[str, Any]]:

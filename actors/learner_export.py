@@ -18,13 +18,16 @@ class WeightExporter:
                  tokenizer: Any, barrier):
         self.engine, self.rank, self.zero_stage, self.device = engine, rank, zero_stage, device
         self.model_path, self.tokenizer, self._barrier = model_path, tokenizer, barrier
-        self._weight_sender = None
+        # a streaming transport's open sending end on rank 0, kept between syncs (the transport owns it)
+        self.weight_sender = None
 
     @property
     def module(self):
         return self.engine.module
 
-    def _gathered(self, params):
+    def gathered(self, params):
+        """Context in which ``params`` are whole on every rank: ZeRO-3's ``GatheredParameters`` (collective: all
+        ranks enter it together), a no-op otherwise."""
         import deepspeed
 
         return (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -45,7 +48,7 @@ class WeightExporter:
                 bucket.append((name, p))
                 size += int(getattr(p, "ds_numel", p.numel()))
                 if size >= limit or i == len(named) - 1:
-                    with self._gathered([q for _, q in bucket]):
+                    with self.gathered([q for _, q in bucket]):
                         if self.rank == 0:
                             for n, q in bucket:
                                 sd[n] = q.detach().to("cpu", torch.float32, copy=True)
@@ -61,7 +64,7 @@ class WeightExporter:
                 sd[name] = b.detach().to("cpu", torch.float32, copy=True)
         return sd
 
-    def _published_tensors(self) -> List[Tuple[str, torch.Tensor]]:
+    def published_tensors(self) -> List[Tuple[str, torch.Tensor]]:
         """What a weight sync carries, in send order: ``named_parameters()`` (tied weights once, as
         ``save_pretrained`` writes them) then the persistent buffers. Under ZeRO-3 the parameters are partitioned
         (``ds_shape`` is their full shape)."""
@@ -72,51 +75,9 @@ class WeightExporter:
 
     def publish_weights(self, transport, *, step: int):
         """Hand the current weights to ``transport`` as version ``step`` (all ranks call together); rank 0 returns
-        the handle, the others None.
-
-        A file transport gets the full gathered state dict on rank 0 (:meth:`gather_state_dict`). A streaming one
-        (``transport.streams``; the engines receive at the same time, see ``cluster.weight_sync.WeightSync``) gets
-        the parameters in their training dtype, one bucket of its plan at a time: under ZeRO-3 every rank gathers
-        the bucket's parameters (``GatheredParameters`` is collective) while rank 0 broadcasts them, so no rank
-        ever holds more than one bucket of gathered weights. Rank 0 keeps its end of the weight group between
-        syncs. A failure on rank 0 is raised only after the last bucket, so the other ranks' gathers stay in step.
-        """
-        if not getattr(transport, "streams", False):
-            sd = self.gather_state_dict()
-            if self.rank != 0:
-                return None
-            return transport.publish(sd, step=step)
-
-        from cluster.collective import plan_buckets
-
-        named = self._published_tensors()
-        entries = [(n, tuple(int(d) for d in getattr(t, "ds_shape", t.shape)), t.dtype) for n, t in named]
-        plan = plan_buckets(entries, transport.bucket_bytes)
-        stream, error = None, None
-        if self.rank == 0:
-            try:
-                self._weight_sender = transport.open_sender(self.device, self._weight_sender)
-                stream = self._weight_sender.stream(step, entries, bucket_bytes=transport.bucket_bytes)
-            except BaseException as e:  # noqa: BLE001 - raised after the gathers below
-                self._weight_sender, error = None, e
-        try:
-            for bucket in plan:
-                tensors = [named[i][1] for i, _, _ in bucket.items]
-                with self._gathered([t for t in tensors if isinstance(t, torch.nn.Parameter)]):
-                    if stream is not None:
-                        stream.send(bucket, [t.detach() for t in tensors])
-            if self.rank != 0:
-                return None
-            if error is not None:
-                raise error
-            result = stream.finish()
-        except BaseException:
-            if self.rank == 0 and self._weight_sender is not None:
-                # closing it makes the engines fail now instead of waiting out the group's timeout
-                self._weight_sender.close()
-                self._weight_sender = None
-            raise
-        return transport.handle_for(step, entries, result)
+        the handle, the others None. How they travel is the transport's business (``transport.publish_from`` calls
+        back :meth:`gather_state_dict` or :meth:`published_tensors` / :meth:`gathered`)."""
+        return transport.publish_from(self, step=step)
 
     def export_hf(self, out_dir: str, *, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         """Write an HF model directory (config, safetensors, tokenizer, generation config) on rank 0.

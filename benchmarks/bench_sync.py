@@ -70,7 +70,8 @@ def bench_size(name: str, args: argparse.Namespace, tmp: Path) -> Dict[str, Any]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.generator import VLLMGenerator
-    from cluster.weight_sync import ShmSafetensorsTransport, make_transport
+    from cluster.transports import make_transport
+    from cluster.weight_sync import ShmSafetensorsTransport
     from passk_rl.models.tiny import build_random_model
 
     hidden, layers = SIZES[name]

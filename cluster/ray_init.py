@@ -29,13 +29,18 @@ def _log(msg: str) -> None:
     print(f"[cluster.ray_init {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def runtime_env(root: str | Path = REPO_ROOT) -> Dict[str, Any]:
+def runtime_env(root: str | Path = REPO_ROOT, *, worker_log: Optional[str | Path] = None) -> Dict[str, Any]:
     """Runtime env for every Ray worker: ``root`` first on PYTHONPATH (workers import the repository's packages,
-    which need not be installed), no tokenizer thread pools, and vLLM at WARNING unless the caller set a level
-    (its per-request INFO lines would bury a run's own status lines)."""
+    which need not be installed), no tokenizer thread pools, vLLM at WARNING unless the caller set a level (its
+    per-request INFO lines would bury a run's own status lines), and ``cluster.worker_logs``' setup hook: vLLM's
+    harmless per-sync reload warning dropped, and with ``worker_log`` every worker's output in that file."""
+    from cluster.worker_logs import HOOK, worker_env
+
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                          "TOKENIZERS_PARALLELISM": "false",
-                         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+                         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+                         **worker_env(worker_log)},
+            "worker_process_setup_hook": HOOK}
 
 
 def in_ray_job() -> bool:
@@ -118,7 +123,7 @@ def retry_startup(start: Callable[[], T], *, cleanup: Callable[[], None], attemp
 
 def start_ray(*, address: str = "local", num_cpus: Optional[float] = None, log_to_driver: bool = True,
               join_ray_job: bool = True, root: str | Path = REPO_ROOT, attempts: int = 3, backoff_s: float = 10.0,
-              log: Callable[[str], None] = _log) -> bool:
+              log: Callable[[str], None] = _log, worker_log: Optional[str | Path] = None) -> bool:
     """Start or join Ray for this process, with :func:`runtime_env` for its workers; True when this call started a
     cluster (so the caller shuts down only what it started).
 
@@ -127,12 +132,16 @@ def start_ray(*, address: str = "local", num_cpus: Optional[float] = None, log_t
     - ``address="local"``: starts a private cluster with ``num_cpus`` logical CPUs and no dashboard, retried
       on a start-up timeout (:func:`retry_startup`).
     - any other address ("auto", "HOST:PORT", "ray://..."): joins that cluster.
+
+    ``worker_log``: a file for every worker's stdout/stderr (``cluster.worker_logs``); then nothing is forwarded.
     """
     import ray
 
     if ray.is_initialized():
         return False
-    env = runtime_env(root)
+    env = runtime_env(root, worker_log=worker_log)
+    if worker_log:
+        log_to_driver = False
     if join_ray_job and in_ray_job():
         ray.init(address="auto", runtime_env=env, log_to_driver=log_to_driver)
         return False

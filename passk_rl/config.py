@@ -238,7 +238,15 @@ class SyncConfig:
     verify_checksum: bool = True  # shm_safetensors: engines re-check the sampled checksum before loading
     bucket_mb: float = 0.0  # collective: MB per broadcast (0: the backend's default, 4 on cpu / 256 on cuda and npu)
     timeout_s: float = 600.0  # collective: how long the learner and the engines wait for each other
-    probe: bool = True  # after each sync, check generator logprobs against the learner on a fixed completion
+    probe: bool = True  # after syncs, check every engine's logprobs against the learner's on a fixed completion
+    # The probe scores every engine and the learner: it runs after the first sync of a run (or of a resume) and
+    # then at every step divisible by this (1: every step); metrics.jsonl has sync_probe_max_abs_diff null between.
+    probe_interval: int = 1
+    # The largest |engine − learner| logprob the probe accepts; above it the run stops with a checkpoint, since
+    # the engines are not sampling from the weights being trained. 0: by model.dtype — 1e-3 in float32 (the two
+    # differ there by reduction order, ~1e-6; a wrong or stale tensor moves logprobs by ~1e-1), 5e-2 in bfloat16
+    # and float16 (8- and 11-bit mantissas: rounding alone gives ~1e-2 on long sums).
+    probe_tolerance: float = 0.0
 
 
 @dataclasses.dataclass
@@ -255,6 +263,10 @@ class EvalConfig:
 class LoggingConfig:
     ray_metrics: bool = True  # gauges on the Ray dashboard's metrics endpoint
     console_every: int = 1  # a status line every this many steps (0: none)
+    # false: the job log shows the run's own lines, and everything vLLM, DeepSpeed, torch, transformers and Ray
+    # print (every actor's output, the driver's library warnings) goes to <run dir>/worker.log; true: all on the
+    # console, as Ray forwards it
+    verbose: bool = False
     pass_at_ks: List[int] = dataclasses.field(default_factory=lambda: [1, 4, 16])  # batch pass@k logged per step
     # Where records go: "jsonl" (metrics.jsonl), "tensorboard" (<run>/tensorboard), "wandb" (offline, <run>/wandb)
     trackers: List[str] = dataclasses.field(default_factory=lambda: ["jsonl", "tensorboard"])
@@ -445,6 +457,8 @@ BOUNDS: Dict[str, Any] = {
     "sync.keep_last": lambda v: v >= 1,
     "sync.bucket_mb": lambda v: v >= 0,
     "sync.timeout_s": lambda v: v > 0,
+    "sync.probe_interval": lambda v: v >= 1,
+    "sync.probe_tolerance": lambda v: v >= 0,
     "learner.kl_coef": lambda v: v >= 0,
     "learner.clip_low": lambda v: v >= 0,
     "learner.clip_high": lambda v: v >= 0,

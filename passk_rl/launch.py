@@ -62,22 +62,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     from passk_rl.trainer import Preempted, RunDirError, Trainer, TrainingAborted
 
     trainer = Trainer(cfg)  # it handles SIGTERM (preemption) once Ray is up: a checkpoint at the step boundary
+    rc, message = 1, ""
     try:
         trainer.setup()
         trainer.train()
+        rc = 0
     except RunDirError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        rc, message = 2, f"config error: {e}"
     except TrainingAborted as e:
-        print(f"training stopped: {e}", file=sys.stderr, flush=True)
-        return 4
+        rc, message = 4, f"training stopped: {e}"
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
-        return 5
+        rc, message = 5, f"preempted: {e}"
+    except BaseException as e:
+        message = f"{type(e).__name__}: {e}"
+        raise
     finally:
+        if message and rc != 1:
+            print(message, file=sys.stderr, flush=True)
         trainer.shutdown()
-    return 0
+        if rc != 2:  # a refused run directory holds another run: nothing of this one goes there
+            write_exit_status(trainer, rc, message)
+    return rc
 
+
+def write_exit_status(trainer, rc: int, message: str) -> None:
+    """``<run dir>/exit_status.json``: the exit code, the last step finished and why it stopped, for whoever
+    launched the job without seeing its process (scripts/run.sh goes through ``ray job submit``)."""
+    import json
+
+    run_dir = Path(trainer.run_dir)
+    if not run_dir.is_dir():
+        return
+    try:
+        (run_dir / "exit_status.json").write_text(json.dumps(
+            {"code": rc, "last_step": trainer.last_step, "message": message}) + "\n")
+    except OSError:
+        pass
 
 if __name__ == "__main__":
     # vLLM spawns processes: the entry point must be guarded.

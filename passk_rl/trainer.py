@@ -32,14 +32,16 @@ from passk_rl.rollout import RolloutStage
 from passk_rl.tasks import STATUSES, Prompt, make_task
 
 
-def init_ray(cfg: Config) -> bool:
-    """Join the Ray job's cluster when run through ``ray job submit``; else ``cluster.address``.
+def init_ray(cfg: Config, worker_log: Optional[Path] = None) -> bool:
+    """Join the Ray job's cluster when run through ``ray job submit``; else ``cluster.address``. ``worker_log``:
+    where every actor's output goes (quiet runs) instead of the console.
 
     Returns True when this call started a cluster (so shutdown stops only what we started).
     """
     from cluster.ray_init import start_ray
 
-    return start_ray(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1))
+    return start_ray(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1),
+                     worker_log=worker_log)
 
 
 def _json_state(state: Any) -> Any:
@@ -105,6 +107,9 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self._health: List[Dict[str, int]] = []  # per-step verdict counts of the verifier health window
+        self._probed = False  # the first sync of this process is always probed
+        self.last_step = 0  # the last step finished (trained, synced, logged)
+        self._first_step, self._t_loop = 1, time.perf_counter()  # where this process's loop began: the ETA
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -138,16 +143,24 @@ class Trainer:
 
         import ray
 
-        from actors.generator import GeneratorPool
+        from actors.generator import EngineStartError, GeneratorPool
         from actors.learner import LearnerGroup
         from actors.phat import create_phat_actor
         from actors.verifier import VerifierPool
         from cluster.devices import device_spec
         from cluster.placement import reserve
-        from cluster.weight_sync import WeightSync, make_transport
+        from cluster.transports import WeightSync, transport_from_config
         from passk_rl.metrics import create_dashboard_actor
 
-        self.started_ray = init_ray(cfg)
+        worker_log = None if cfg.logging.verbose else self.run_dir / "worker.log"
+        if worker_log is not None:
+            from cluster.worker_logs import quiet_driver
+
+            quiet_driver(worker_log)
+            self.log(f"library and actor output: {worker_log} (logging.verbose=true shows it here)")
+        self.started_ray = init_ray(cfg, worker_log)
+        if worker_log is not None:
+            quiet_driver(worker_log)  # ray.init gives Ray's logger its console handler again
         # After ray.init: Ray's core worker installs its own fatal-signal handler for SIGTERM, which would kill
         # the driver mid-step. `ray job stop` and schedulers' preemption send SIGTERM: finish the step, checkpoint,
         # exit (the job needs a grace period longer than a step: RAY_JOB_STOP_WAIT_TIME_S, see scripts/run.sh).
@@ -167,19 +180,16 @@ class Trainer:
                                       shaping=cfg.algorithm.shaping)
         if cfg.logging.ray_metrics:
             self.dash = create_dashboard_actor(cfg.run.name, cfg.logging.pass_at_ks)
-        sync_opts = ({"root": cfg.sync.root, "keep_last": cfg.sync.keep_last, "verify_checksum": cfg.sync.verify_checksum}
-                     if cfg.sync.transport == "shm_safetensors" else
-                     {"device": cfg.cluster.device, "bucket_mb": cfg.sync.bucket_mb, "timeout_s": cfg.sync.timeout_s})
-        self.transport = make_transport(cfg.sync.transport, run_name=cfg.run.name, **sync_opts)
+        self.transport = transport_from_config(cfg)
         self.verifier = VerifierPool.from_config(cfg)
-        self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
-                                             placement_group=self.placement.generator_pg)
+        try:
+            self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
+                                                 placement_group=self.placement.generator_pg)
+        except EngineStartError as e:  # once, with the engine's reason: a restart would fail the same way
+            raise TrainingAborted(f"{e}; model.path={cfg.model.path}") from None
         self.learner = LearnerGroup.from_config(cfg, self.model_path, placement_group=self.placement.learner_pg)
         self.weight_sync = WeightSync(self.learner, self.gen, self.transport,
                                       workers_per_engine=cfg.generator.tensor_parallel_size)
-        if getattr(self.transport, "streams", False):
-            # a replaced engine cannot take a broadcast alone: the whole group is re-formed and re-sent
-            self.gen.restart_hook = lambda: self.weight_sync.sync(self.rollout.weights_version)
         g, L = cfg.generator, cfg.learner
         # where every part runs (several nodes: engines and ranks may sit on different ones)
         (self.run_dir / "placement.json").write_text(json.dumps({
@@ -210,16 +220,19 @@ class Trainer:
         first = 1
         if cfg.run.resume:
             first = self.resume() + 1
+            self.last_step = first - 1
         if cfg.eval.enabled:
             base = self.run_dir / "eval" / "step_000000.json"
             summary["base_eval"] = json.loads(base.read_text()) if first > 1 and base.is_file() else self.evaluate(step=0)
-        t_start = time.perf_counter()
+        t_start = self._t_loop = time.perf_counter()
+        self._first_step = first
         for step in range(first, cfg.run.steps + 1):
             with self.faults(step):
                 self._start_state = (*self.rollout.untrained_order_state(), dict(self.status_totals),
                                      self.skipped_total)
                 self._updated = False
                 self.step(step)
+                self.last_step = step
                 if cfg.eval.enabled and cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
                     self.evaluate(step=step)
                 if cfg.run.checkpoint_interval and step % cfg.run.checkpoint_interval == 0:
@@ -319,7 +332,7 @@ class Trainer:
             self.rollout.wait_idle()  # an engine never swaps weights in the middle of a batch
             self.weight_sync.sync(step)
             self.rollout.synced(step)
-            probe = self.sync_probe(batch[0]) if cfg.sync.probe else None
+            probe = self.sync_probe(step, batch[0]) if self.probe_due(step) else None
         with timer.phase("log"):
             gen_tokens = sum(len(s.token_ids) for group in samples for s in group)
             # identifies exactly what was sampled: an exact resume reproduces it step for step
@@ -367,8 +380,17 @@ class Trainer:
                 else str(decision.k))
             self.log(f"step {step}/{cfg.run.steps}  K={k_text}  p̂={decision.p_global:.3f}  "
                      f"reward={record['reward_mean']:.3f}  {ks}  fail={record['verifier_failures']}  "
-                     f"{record['step_seconds']:.1f}s ({record['samples_per_s']:.1f} samples/s)")
+                     f"{record['step_seconds']:.1f}s ({record['samples_per_s']:.1f} samples/s)  "
+                     f"ETA {self.eta(step)}")
         return record
+
+    def eta(self, step: int) -> str:
+        """Time left for the remaining steps at this process's mean wall time per step so far (evaluations and
+        checkpoints included), as H:MM:SS."""
+        done = step - self._first_step + 1
+        per_step = (time.perf_counter() - self._t_loop) / max(done, 1)
+        left = int(round(per_step * max(self.cfg.run.steps - step, 0)))
+        return f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
     def shaping_args(self, decision: Any):
         """(k, params, p_hat) for ``shaping.shape`` from the p̂ actor's decision (which already holds a K the shaping
@@ -456,13 +478,31 @@ class Trainer:
         self.skipped_in_a_row = 0
         return False
 
-    def sync_probe(self, sample: Dict[str, Any]) -> float:
-        """Largest |generator − learner| logprob on one fixed completion, right after the sync, over every engine."""
+    def probe_due(self, step: int) -> bool:
+        """The first sync of this process always probes (a wrong weight mapping shows at once), then every
+        ``sync.probe_interval`` steps."""
+        s = self.cfg.sync
+        return s.probe and (not self._probed or step % s.probe_interval == 0)
+
+    def sync_probe(self, step: int, sample: Dict[str, Any]) -> float:
+        """Largest |generator − learner| logprob on one fixed completion, right after the sync, over every engine;
+        above ``sync.probe_tolerance`` the run stops (with a checkpoint of this step: the learner is sound)."""
+        self._probed = True
         per_engine = self.gen.score_every_engine([sample["prompt_token_ids"]], [sample["response_token_ids"]])
         learn_lp = np.asarray(self.learner.compute_logprobs([sample], temperature=1.0)[0])  # vLLM scores at T=1
         if not len(learn_lp):
             return 0.0
-        return float(max(np.max(np.abs(np.asarray(lp[0]) - learn_lp)) for lp in per_engine))
+        diffs = [float(np.max(np.abs(np.asarray(lp[0]) - learn_lp))) for lp in per_engine]
+        tol = self.cfg.sync.probe_tolerance or (1e-3 if self.cfg.model.dtype == "float32" else 5e-2)
+        if max(diffs) > tol:
+            ck = self.save_checkpoint(step)
+            worst = max(range(len(diffs)), key=diffs.__getitem__)
+            raise TrainingAborted(
+                f"step {step}: after the weight sync, engine {worst}'s logprobs differ from the learner's by "
+                f"{diffs[worst]:.3g} > sync.probe_tolerance={tol:g} (per engine: "
+                f"{', '.join(f'{d:.3g}' for d in diffs)}): the engines are not sampling from the weights being "
+                f"trained. Checkpoint of step {step} written to {ck}")
+        return max(diffs)
 
     # ------------------------------------------------------------------------------------------- eval
     def evaluate(self, *, step: int) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 
 from cluster.collective import (
     ALIGN,
+    CollectiveTransport,
     GroupFullError,
     PartialWeightsError,
     Rendezvous,
@@ -26,7 +27,7 @@ from cluster.collective import (
     plan_buckets,
     stream_checksum,
 )
-from cluster.weight_sync import CollectiveTransport, WeightSync, make_transport
+from cluster.transports import WeightSync, make_transport
 
 TIMEOUT_S = 60.0
 
@@ -266,7 +267,10 @@ class FakePool:
     def num_engines(self):
         return len(self.engines)
 
-    def sync_weights(self, handle):
+    def replace_dead(self):
+        return False  # these engines do not die
+
+    def sync_weights(self, handle, max_restarts=None):
         with ThreadPoolExecutor(len(self.engines)) as ex:
             reports = list(ex.map(lambda e: self.transport.apply(e, handle, expected_params=self.expected),
                                   self.engines))

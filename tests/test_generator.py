@@ -206,3 +206,38 @@ def test_pool_order_and_sync_reaches_every_engine(ray_cluster, model_path, engin
         pool.shutdown()
         remove_placement_group(pg)
         tr.cleanup(keep_last=0)
+
+
+# ------------------------------------------------------------------------------------------ an engine that cannot run
+def _head_dim_16_model(out):
+    """A tiny random Llama with head_dim 16 (vLLM's CPU attention supports a fixed set of head sizes; 16 is not
+    among them), with the committed tokenizer of the built-in model: no hub."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "passk_rl" / "models" / "arith-base")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.e2e
+def test_an_engine_that_cannot_serve_this_model_stops_the_run_once_with_its_own_error(tmp_path):
+    """The engine starts, then dies at its first forward ("Unsupported CPU attention configuration: head_dim=16"):
+    the run stops at once (exit 4) with that text, and no engine is restarted."""
+    from tests.test_faults import _run
+
+    model = _head_dim_16_model(tmp_path / "hd16")
+    r = _run(tmp_path, "hd16", f"model.path={model}", "run.steps=2")
+    assert r.returncode == 4, r.stdout[-4000:]
+    stopped = [line for line in r.stdout.splitlines() if line.startswith("training stopped:")]
+    assert len(stopped) == 1 and "Unsupported CPU attention configuration: head_dim=16" in stopped[0], r.stdout[-4000:]
+    assert "restarting it cannot help" in stopped[0]
+    assert "starting a new one" not in r.stdout and "EngineLost" not in r.stdout
+    # the engine's full output is in the run directory, not the console
+    assert "Unsupported CPU attention configuration" in (tmp_path / "hd16" / "worker.log").read_text()

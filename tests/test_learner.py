@@ -361,7 +361,8 @@ def test_fewer_samples_than_ranks_still_exact(z2, model_path):
 def test_publish_weights_through_shm_transport(z3, model_path, tmp_path):
     from safetensors.torch import load_file
 
-    from cluster.weight_sync import WeightHandle, make_transport
+    from cluster.transports import make_transport
+    from cluster.weight_sync import WeightHandle
 
     _fresh(z3)
     z3.train_step(make_batch(model_path, seed=60), step=1)

@@ -1,0 +1,36 @@
+"""The post-sync probe on a real run (private Ray cluster, vLLM CPU engine, 2 DeepSpeed ranks): it runs after the
+first sync and then every ``sync.probe_interval`` steps, and an engine that does not compute the learner's model
+stops the run with a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_faults import _records, _run
+
+
+@pytest.mark.e2e
+def test_the_probe_runs_on_the_first_sync_and_then_every_interval(tmp_path):
+    r = _run(tmp_path, "every2", "run.steps=3", "sync.probe_interval=2", "data.prompts_per_step=4",
+             "generator.n=4")
+    assert r.returncode == 0, r.stdout[-4000:]
+    diffs = {x["step"]: x["sync_probe_max_abs_diff"] for x in _records(tmp_path / "every2")}
+    assert sorted(diffs) == [1, 2, 3]
+    assert diffs[1] is not None and diffs[2] is not None and diffs[3] is None  # first sync, then steps 2, 4, ...
+    assert max(diffs[1], diffs[2]) < 1e-4  # fp32: the engines hold the learner's weights
+
+
+@pytest.mark.e2e
+def test_an_engine_that_computes_another_model_stops_the_run_at_the_probe(tmp_path):
+    """The engine is told a different RMSNorm epsilon than the learner's model (vLLM's hf_overrides): the weights
+    arrive intact, but the engine no longer samples from the policy being trained; the first probe says so."""
+    r = _run(tmp_path, "wrong", "run.steps=3", "data.prompts_per_step=4", "generator.n=4",
+             "generator.engine_kwargs={hf_overrides: {rms_norm_eps: 0.5}}")
+    assert r.returncode == 4, r.stdout[-4000:]
+    assert "after the weight sync, engine 0's logprobs differ from the learner's" in r.stdout, r.stdout[-4000:]
+    assert "sync.probe_tolerance=0.001" in r.stdout
+    from passk_rl import checkpoint
+
+    ck, _ = checkpoint.usable(tmp_path / "wrong" / "checkpoints")
+    assert ck is not None and checkpoint.step_of(ck) == 1
+    assert [x["step"] for x in _records(tmp_path / "wrong")] == []  # the step is not logged as a good one
