@@ -42,8 +42,24 @@ STAGE_KW = {
 # transformers load checks for every combination).
 VLLM_EXPORT_STAGE = {"llama": 3, "qwen2_tied": 2, "qwen2_untied": 3, "qwen3": 2}
 DEFAULT = {("qwen2_untied", 3), ("qwen3", 2)}
-CASES = [pytest.param(a, s, id=f"{a}-zero{s}", marks=() if (a, s) in DEFAULT else pytest.mark.slow)
-         for a in ARCHS for s in (2, 3)]
+# vLLM 0.32 on CPU: after reload_weights a tied lm_head keeps computing with the weight it was packed from at start
+# (UnquantizedEmbeddingMethod.process_weights_after_loading builds a prepacked oneDNN/sgl copy; a reload loads
+# nothing into lm_head, so nothing re-packs it), while the embedding follows. Every sync of a tied model leaves
+# the engines sampling with the step-0 output layer. strict: the marker must go when the transports re-pack it.
+TIED_LM_HEAD_STALE = pytest.mark.xfail(
+    strict=True, reason="vLLM CPU keeps the tied lm_head's prepacked start-up weight after reload_weights "
+                        "(reported by h4, issue 19; fix: re-run lm_head.quant_method.process_weights_after_loading "
+                        "in the engine after each reload)")
+
+
+def _marks(arch, stage):
+    marks = [] if (arch, stage) in DEFAULT else [pytest.mark.slow]
+    if ARCHS[arch][2]["tie_word_embeddings"]:
+        marks.append(TIED_LM_HEAD_STALE)
+    return marks
+
+
+CASES = [pytest.param(a, s, id=f"{a}-zero{s}", marks=_marks(a, s)) for a in ARCHS for s in (2, 3)]
 
 
 def _probe_texts():
