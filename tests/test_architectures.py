@@ -1,6 +1,7 @@
 """The architectures the 910B configs name, through generate → train → stream → export, in fp32 (issue 19).
 
-Llama, Qwen2 with tied and with untied embeddings (qkv bias), Qwen3 (q/k norm): tiny, random-initialised, built
+Llama, Qwen2 with tied and with untied embeddings (qkv bias), Qwen3 (q/k norm) tied (as Qwen3-4B) and untied:
+tiny, random-initialised, built
 from a transformers config (tests/tiny_archs.py). For each architecture × ZeRO stage (2 ranks over gloo) the
 test runs both weight transports against real vLLM CPU engines and then exports the model:
 
@@ -16,8 +17,9 @@ collective transport's worker extension, which only adds methods; the file trans
 ``reload_weights``, so swapping the generator's transport object exercises the same load path a file-transport
 run uses); one learner group per architecture × stage does both transports and the export.
 
-Default suite: Qwen2 untied (qkv bias) under ZeRO-3 and Qwen3 under ZeRO-2 — the shapes and stages of
-configs/qwen2.5-7b_910b_x20.yaml and configs/qwen3-4b_910b_x20.yaml. The other six combinations are ``slow``.
+Default suite: Qwen2 untied (qkv bias) under ZeRO-3 and Qwen3 (untied) under ZeRO-2 — the stages of
+configs/qwen2.5-7b_910b_x20.yaml and configs/qwen3-4b_910b_x20.yaml. The other eight combinations are ``slow``;
+the four with tied embeddings are strict xfails until the tied lm_head follows a sync (TIED_LM_HEAD_STALE).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ STAGE_KW = {
 # The stage whose export is also loaded into a fresh vLLM engine (once per architecture: what vLLM reads from the
 # directory depends on the architecture; the ZeRO stage only changes how the learner gathers, which the
 # transformers load checks for every combination).
-VLLM_EXPORT_STAGE = {"llama": 3, "qwen2_tied": 2, "qwen2_untied": 3, "qwen3": 2}
-DEFAULT = {("qwen2_untied", 3), ("qwen3", 2)}
+VLLM_EXPORT_STAGE = {"llama": 3, "qwen2_tied": 2, "qwen2_untied": 3, "qwen3": 2, "qwen3_untied": 2}
+DEFAULT = {("qwen2_untied", 3), ("qwen3_untied", 2)}
 # vLLM 0.32 on CPU: after reload_weights a tied lm_head keeps computing with the weight it was packed from at start
 # (UnquantizedEmbeddingMethod.process_weights_after_loading builds a prepacked oneDNN/sgl copy; a reload loads
 # nothing into lm_head, so nothing re-packs it), while the embedding follows. Every sync of a tied model leaves

@@ -26,8 +26,12 @@ ARCHS = {
                    "model.embed_tokens.weight"),
     "qwen2_untied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False),
                      "model.layers.0.self_attn.q_proj.bias"),
+    # tied, as Qwen3-4B (configs/qwen3-4b_910b_x20.yaml) is
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32),
               "model.layers.0.self_attn.q_norm.weight"),
+    # untied: the q/k norms through the pipeline without the tied-lm_head problem (test_architectures.py)
+    "qwen3_untied": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=32),
+                     "model.layers.0.self_attn.q_norm.weight"),
 }
 
 
@@ -55,7 +59,7 @@ def build_arch_model(arch: str, out_dir, *, seed: int = 0, init_std: float = 0.1
             for name, p in model.named_parameters():
                 if name.endswith("_proj.bias"):
                     p.normal_(0.0, init_std)
-    if arch == "qwen3":  # norm weights start at 1; spread them so a q_norm/k_norm swap would show
+    if arch.startswith("qwen3"):  # norm weights start at 1; spread them so a q_norm/k_norm swap would show
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(("q_norm.weight", "k_norm.weight")):
