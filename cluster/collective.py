@@ -74,6 +74,7 @@ import torch
 from cluster.devices import device_spec
 from cluster.weights import (
     _ST_DTYPES,
+    EngineWeightsExtension,
     Shape,
     PartialWeightsError,
     WeightHandle,
@@ -640,7 +641,7 @@ class WeightReceiver:
 
 
 # ---------------------------------------------------------------------------------------- vLLM extension
-class WeightReceiverExtension:
+class WeightReceiverExtension(EngineWeightsExtension):
     """vLLM ``worker_extension_cls``: mixed into every vLLM worker, so ``llm.collective_rpc("passk_receive_weights",
     ...)`` runs :meth:`passk_receive_weights` inside each worker process (names are prefixed: vLLM refuses an
     extension attribute that its worker class already has). The worker keeps its end of the group between
@@ -668,6 +669,7 @@ class WeightReceiverExtension:
             # The checkpoint-format layerwise reload: re-runs each layer's post-load processing (the CPU repack).
             try:
                 self.reload_weights(weights_iterator=it, is_checkpoint_format=True)
+                self.passk_refresh_tied_head()
             except BaseException:
                 self._passk_finalize_failed_reload()
                 raise

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from cluster.weights import (  # noqa: F401 - re-exported: the names this module always offered
+    ENGINE_EXTENSION,
     _ST_DTYPES,
     _ST_ITEMSIZE,
     Shape,
@@ -216,6 +217,9 @@ class ShmSafetensorsTransport(WeightTransport):
         return cls(root=cfg.sync.root, run_name=cfg.run.name, keep_last=cfg.sync.keep_last,
                    verify_checksum=cfg.sync.verify_checksum)
 
+    def engine_kwargs(self, device: str) -> Dict[str, Any]:
+        return {"worker_extension_cls": ENGINE_EXTENSION}  # reload + the tied head (cluster/weights.py)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.root) / self.run_name
@@ -299,7 +303,7 @@ class ShmSafetensorsTransport(WeightTransport):
               expected_params: Optional[Mapping[str, Shape]] = None,
               optional_params: Iterable[str] = ()) -> None:
         d = self.check(handle, expected_params=expected_params, optional_params=optional_params)
-        engine_llm.collective_rpc("reload_weights", kwargs={"weights_path": str(d)})
+        engine_llm.collective_rpc("passk_reload_from_path", kwargs={"weights_path": str(d)})
         engine_llm.reset_prefix_cache()
 
     def cleanup(self, keep_last: int = 1) -> None:

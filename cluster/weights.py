@@ -32,6 +32,38 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
+# vLLM ``worker_extension_cls`` every transport's engines load (the collective one extends it).
+ENGINE_EXTENSION = "cluster.weights.EngineWeightsExtension"
+
+
+class EngineWeightsExtension:
+    """Mixed into every vLLM worker (``worker_extension_cls``): the weight-loading steps vLLM's own
+    ``reload_weights`` leaves out. Names are prefixed: vLLM refuses an extension attribute its worker already has.
+
+    Tied output layer: vLLM's CPU backend packs a *separate copy* of the lm_head weight for its GEMM at start-up
+    (``UnquantizedEmbeddingMethod.process_weights_after_loading`` → ``dispatch_cpu_unquantized_gemm(...,
+    remove_weight=False)``). With tied embeddings the checkpoint has no ``lm_head.weight``, so ``reload_weights``
+    updates ``embed_tokens`` but never re-packs the head: the engine would go on sampling from the start-up output
+    layer (measured: logprobs 0.26–0.86 off the learner's after one step, on Qwen2/Qwen3 with tied embeddings).
+    Re-running the head's post-load processing after every reload re-packs it from the new embedding.
+    """
+
+    def passk_refresh_tied_head(self) -> bool:
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        method = getattr(head, "quant_method", None)
+        if head is None or embed is None or method is None or getattr(head, "weight", None) is not embed.weight:
+            return False
+        method.process_weights_after_loading(head)
+        return True
+
+    def passk_reload_from_path(self, weights_path: str) -> bool:
+        """``reload_weights`` from a checkpoint directory, then the tied head (see the class)."""
+        self.reload_weights(weights_path=weights_path)
+        return self.passk_refresh_tied_head()
+
+
 class PartialWeightsError(RuntimeError):
     """Loading broke half way: the engine now holds a mix of two weight versions (neither the old nor the new)."""
 

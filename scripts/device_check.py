@@ -135,7 +135,7 @@ def _receiver(rdzv: dict, device: str, megabytes: float, q) -> None:
 
 
 def check_stream(env: dict, *, megabytes: float, timeout_s: float) -> dict:
-    from cluster.weight_sync import make_transport
+    from cluster.transports import make_transport
 
     cuda = env["cuda_available"] and env["nccl_available"]
     if cuda:

@@ -17,9 +17,10 @@ collective transport's worker extension, which only adds methods; the file trans
 ``reload_weights``, so swapping the generator's transport object exercises the same load path a file-transport
 run uses); one learner group per architecture × stage does both transports and the export.
 
-Default suite: Qwen2 untied (qkv bias) under ZeRO-3 and Qwen3 (untied) under ZeRO-2 — the stages of
+Default suite: Qwen2 untied (qkv bias) under ZeRO-3 and Qwen3 (tied, as Qwen3-4B) under ZeRO-2 — the stages of
 configs/qwen2.5-7b_910b_x20.yaml and configs/qwen3-4b_910b_x20.yaml. The other eight combinations are ``slow``;
-the four with tied embeddings are strict xfails until the tied lm_head follows a sync (TIED_LM_HEAD_STALE).
+the tied ones pass since the engines re-pack their tied lm_head after every reload (cluster/weights.py,
+EngineWeightsExtension: vLLM's CPU backend keeps a packed copy of the start-up output layer otherwise).
 """
 
 from __future__ import annotations
@@ -43,22 +44,9 @@ STAGE_KW = {
 # directory depends on the architecture; the ZeRO stage only changes how the learner gathers, which the
 # transformers load checks for every combination).
 VLLM_EXPORT_STAGE = {"llama": 3, "qwen2_tied": 2, "qwen2_untied": 3, "qwen3": 2, "qwen3_untied": 2}
-DEFAULT = {("qwen2_untied", 3), ("qwen3_untied", 2)}
-# vLLM 0.32 on CPU: after reload_weights a tied lm_head keeps computing with the weight it was packed from at start
-# (UnquantizedEmbeddingMethod.process_weights_after_loading builds a prepacked oneDNN/sgl copy; a reload loads
-# nothing into lm_head, so nothing re-packs it), while the embedding follows. Every sync of a tied model leaves
-# the engines sampling with the step-0 output layer. strict: the marker must go when the transports re-pack it.
-TIED_LM_HEAD_STALE = pytest.mark.xfail(
-    strict=True, reason="vLLM CPU keeps the tied lm_head's prepacked start-up weight after reload_weights "
-                        "(reported by h4, issue 19; fix: re-run lm_head.quant_method.process_weights_after_loading "
-                        "in the engine after each reload)")
-
-
+DEFAULT = {("qwen2_untied", 3), ("qwen3", 2)}  # Qwen3 tied, as Qwen3-4B
 def _marks(arch, stage):
-    marks = [] if (arch, stage) in DEFAULT else [pytest.mark.slow]
-    if ARCHS[arch][2]["tie_word_embeddings"]:
-        marks.append(TIED_LM_HEAD_STALE)
-    return marks
+    return [] if (arch, stage) in DEFAULT else [pytest.mark.slow]
 
 
 CASES = [pytest.param(a, s, id=f"{a}-zero{s}", marks=_marks(a, s)) for a in ARCHS for s in (2, 3)]
@@ -121,7 +109,8 @@ class Bench:
 
     def engines(self, arch, *, num_engines=2, dtype="float32"):
         from actors.generator import GeneratorPool
-        from cluster.weight_sync import ShmSafetensorsTransport, make_transport
+        from cluster.transports import make_transport
+        from cluster.weight_sync import ShmSafetensorsTransport
 
         if self.arch != (arch, dtype):
             self.close_engines()
@@ -194,7 +183,8 @@ def max_err(pool, probe, want):
 
 def sync_and_check(bench, learner, pool, transport, probe, *, step, tol, tensor, dtype_bytes=4):
     """One transport's round: train, sync, compare, tamper, compare, re-sync. Returns the measured figures."""
-    from cluster.weight_sync import WeightSync, checkpoint_params
+    from cluster.transports import WeightSync
+    from cluster.weight_sync import checkpoint_params
 
     tok_batch = bench.batch
     learner.train_step(tok_batch, step=step)

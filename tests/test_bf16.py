@@ -98,7 +98,8 @@ def _master_weights(learner):
 def test_bf16_generate_train_stream_probe(bench):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.weight_sync import WeightSync, checkpoint_params
+    from cluster.transports import WeightSync
+    from cluster.weight_sync import checkpoint_params
 
     t0 = time.perf_counter()
     arch = "qwen2_untied"
