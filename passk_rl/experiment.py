@@ -330,7 +330,7 @@ def verdict(a: Dict[str, Any], *, max_pass1_loss: float = 0.02) -> Dict[str, Any
     c = a["comparison"]
     if not c:
         return {"ok": False, "why": "no baseline/candidate pair"}
-    k, big = a["k"], a["big_k"]
+    k = a["k"]
     win = c[k]["lo"] > 0 and (math.isnan(c[k]["t_lo"]) or c[k]["t_lo"] > 0)
     p1 = c[1]["mean"] >= -max_pass1_loss
     keep = c["vs_base_at_big_k"]["mean"] >= 0
@@ -361,7 +361,7 @@ def write_report(spec: ExperimentSpec, planner: Planner, oc: Outcome, a: Dict[st
         if row["finalist"]:
             curves[f"{row['label']} ({len(row['seeds'])} seeds)"] = {"pass_at_k": {str(kk): row["k"][kk] for kk in ks}}
     plots.plot_pass_at_k(curves, out / "pass_at_k.png",
-                         title=f"held-out pass@k, finalists (bands: 95 % bootstrap over seeds and problems)")
+                         title="held-out pass@k, finalists (bands: 95 % bootstrap over seeds and problems)")
     pts = {row["label"]: ((row["k"][1]["mean"], row["k"][1]["lo"], row["k"][1]["hi"]),
                           (row["k"][k]["mean"], row["k"][k]["lo"], row["k"][k]["hi"])) for row in a["methods"].values()}
     pts["base"] = ((a["base"][1]["mean"],) * 3, (a["base"][k]["mean"],) * 3)

@@ -21,7 +21,7 @@ whose ``value`` excludes each prompt's most recent group by construction.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ __all__ = [
     "STATS",
     "make_stats",
     "loo_group_means",
-    "jackknife",
 ]
 
 _STATE_VERSION = 1
@@ -295,7 +294,7 @@ class LeaveOneOut(PHatStat):
     plug-in shaping fed with it has a constant scale given the group, and its expected update is the
     true gradient times that scale (no finite-n coupling bias). Prompts with no other samples fall back
     to the global mean excluding the most recent update, then to ``default``. For the within-group
-    per-sample version use :func:`loo_group_means`; for bias-corrected plug-ins :func:`jackknife`.
+    per-sample version use :func:`loo_group_means`.
     """
 
     name = "loo"
@@ -367,17 +366,3 @@ def loo_group_means(rewards: Any) -> torch.Tensor:
     if not bool(torch.isfinite(r).all()):
         raise ValueError("loo_group_means: rewards must be finite")
     return (r.sum(1, keepdim=True) - r) / (r.shape[1] - 1)
-
-
-def jackknife(f: Callable[[torch.Tensor], torch.Tensor], rewards: Any) -> torch.Tensor:
-    """Jackknife bias-corrected plug-in estimate of f(p) per group (G,) (Quenouille/Tukey).
-
-        f_jack = n f(p_hat) - (n-1)/n * sum_i f(p_hat_{-i})
-
-    Removes the O(1/n) bias of f(p_hat); exactly unbiased when f is a polynomial of degree <= 2
-    (e.g. f(p) = p^2 gives c(c-1)/(n(n-1))). ``f`` maps a float64 tensor elementwise.
-    """
-    loo = loo_group_means(rewards)
-    n = loo.shape[1]
-    p_hat = loo.mean(1)  # the mean of the leave-one-out means is the group mean
-    return n * f(p_hat) - (n - 1) * f(loo).mean(1)

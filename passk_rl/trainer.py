@@ -8,7 +8,6 @@ The driver holds no model; it moves prompts, token ids, rewards and advantages b
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ import torch
 
 from passk_rl import evaluation, shaping
 from passk_rl.config import Config, dump_yaml, to_dict
-from passk_rl.metrics import PHASES, PhaseTimer, Trackers, batch_pass_at_k
+from passk_rl.metrics import PhaseTimer, Trackers, batch_pass_at_k
 from passk_rl.models.resolve import resolve_model
 from passk_rl.rollout import RolloutStage
 from passk_rl.tasks import STATUSES, Prompt, make_task

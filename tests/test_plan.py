@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from passk_rl.config import config_from_dict, load_config
+from passk_rl.config import load_config
 from passk_rl.plan import make_plan, model_spec
 
 NPU_CONFIGS = sorted(glob.glob("configs/*910b*.yaml"))
