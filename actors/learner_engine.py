@@ -39,6 +39,7 @@ import torch
 from actors.learner_export import WeightExporter
 from cluster.devices import device_spec, set_process_env
 from passk_rl.batch import Batch, collate
+from passk_rl.config import BOUNDS, check_field
 from passk_rl.losses import LossOptions, importance_weights, learner_loss, token_logprobs, \
     token_logprobs_and_entropy
 
@@ -74,10 +75,13 @@ class LearnerOptions:
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; allowed: {list(OPTIMIZERS)}")
-        if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.ppo_epochs < 1 or self.mini_batches < 1:
-            raise ValueError(f"ppo_epochs and mini_batches must be >= 1, got {self.ppo_epochs}, {self.mini_batches}")
+        # Numeric bounds live in one table, config.BOUNDS (the config loader checks the same): a learner built
+        # without a config gets the same error naming the same key.
+        flat = {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loss"},
+                **{f.name: getattr(self.loss, f.name) for f in dataclasses.fields(self.loss)}}
+        for name, value in flat.items():
+            if f"learner.{name}" in BOUNDS:
+                check_field(f"learner.{name}", value)
         if self.loss.kl_coef > 0 and not self.ref_model:
             raise ValueError("kl_coef > 0 needs a frozen reference model: set ref_model=True")
 

@@ -77,14 +77,8 @@ class LossOptions:
                               ("off_policy", OFF_POLICY)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {list(allowed)}")
-        if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
-            raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
-        if not self.is_cap > 1.0:
-            raise ValueError(f"is_cap must be > 1, got {self.is_cap}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        # Numeric bounds (clip_low/high, dual_clip, is_cap, kl_coef) are checked once, against config.BOUNDS, by the
+        # config loader and by the learner's options (actors/learner_engine.py); the math core imports no config.
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
