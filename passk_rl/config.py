@@ -502,7 +502,7 @@ def installation_problems(cfg: Config) -> List[str]:
     by ``validate``: a config planned on one machine may be meant for another)."""
     problems = []
     if cfg.sync.transport == "collective":
-        from cluster.collective import backend_problem
+        from cluster.weight_stream import backend_problem
 
         problem = backend_problem(cfg.cluster.device)
         if problem:

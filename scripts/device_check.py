@@ -94,7 +94,7 @@ def _sender(rdzv: dict, device: str, bucket_bytes: int, megabytes: float, q) -> 
     try:
         import torch
 
-        from cluster.collective import Rendezvous, WeightSender
+        from cluster.weight_stream import Rendezvous, WeightSender
 
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
@@ -114,7 +114,7 @@ def _receiver(rdzv: dict, device: str, megabytes: float, q) -> None:
     try:
         import torch
 
-        from cluster.collective import Rendezvous, WeightReceiver
+        from cluster.weight_stream import Rendezvous, WeightReceiver
 
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))

@@ -15,18 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from cluster.collective import (
+from cluster.collective import CollectiveTransport, WeightReceiverExtension
+from cluster.weight_stream import (
     ALIGN,
-    CollectiveTransport,
     GroupFullError,
-    PartialWeightsError,
     Rendezvous,
     WeightReceiver,
-    WeightReceiverExtension,
     backend_problem,
     plan_buckets,
     stream_checksum,
 )
+from cluster.weights import PartialWeightsError
 from cluster.transports import WeightSync, make_transport
 
 TIMEOUT_S = 60.0
