@@ -208,7 +208,8 @@ class FakeWorker(WeightReceiverExtension):
     """What vLLM mixes the extension into: ``model_runner.device`` and ``reload_weights(weights_iterator=...)``."""
 
     def __init__(self, fail_after=None):
-        self.model_runner = types.SimpleNamespace(device=torch.device("cpu"))
+        # get_model: a model without a tied head (the extension re-packs a tied lm_head after each reload)
+        self.model_runner = types.SimpleNamespace(device=torch.device("cpu"), get_model=torch.nn.Module)
         self.weights = {}
         self.fail_after = fail_after
 
