@@ -5,7 +5,7 @@ from passk_rl.tasks.base import STATUSES, TASKS, Prompt, Status, Task, Verdict, 
 # Task modules register themselves on import; add each new module here.
 import importlib as _importlib
 
-for _mod in ("arith", "gsm8k", "math", "code", "faulty"):
+for _mod in ("arith", "gsm8k", "math", "code", "faulty", "bench_text"):
     try:
         _importlib.import_module(f"passk_rl.tasks.{_mod}")
     except ModuleNotFoundError as _e:  # a module not written yet; any other import error is real
