@@ -76,6 +76,7 @@ def run_variant(config: str, overrides: List[str], steps: int, out_dir: Path, na
     cfg = load_config(config, [*overrides, f"run.steps={steps}", "eval.enabled=false", f"run.name={name}",
                                f"run.output_dir={out_dir}", "logging.ray_metrics=false", "run.overwrite=true"])
     trainer = Trainer(cfg)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     try:
         trainer.setup()
@@ -96,6 +97,7 @@ def run_variant(config: str, overrides: List[str], steps: int, out_dir: Path, na
     other = {p: phase[p] for p in PHASES if p not in ("generate", "update")}
     other["update outside the learner"] = max(phase["update"] - learner_s, 0.0)
     return {"overrides": overrides, "steps": len(recs), "setup_seconds": setup_s,
+            "load_average_1min": [load_before, os.getloadavg()[0]],  # before and after: how busy the machine was
             "warmup_step_seconds": recs[0]["step_seconds"], "step_seconds_mean": step_s / len(steady),
             "samples_per_s": samples / step_s, "gen_tokens_per_s_generating": tokens / max(gen_s, 1e-9),
             "gen_tokens_per_s_step": tokens / step_s, "phase_share": {p: phase[p] / step_s for p in PHASES},
@@ -290,13 +292,21 @@ def main() -> int:
     overrides = [*args.overrides, f"model.path={resolve_bench_model(args.config, args.overrides)}"]
     results: Dict[str, List[Dict[str, Any]]] = {name: [] for name in variants}
     base: List[Dict[str, Any]] = []
+    path = Path(args.json) if args.json else out_dir / "bench_e2e.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "bench_e2e", "config": args.config, "overrides": args.overrides,
+           "started_utc": started.isoformat(timespec="seconds"), "command": shlex.join([sys.executable, *sys.argv]),
+           "steps": args.steps, "rounds": args.rounds, "variants": variants, "results": results, "baselines": base,
+           "efficiency": None}
     for rnd in range(args.rounds):
         for name, spec in variants.items():
             ov = [*overrides, *shlex.split(spec)]
             print(f"[bench_e2e] round {rnd + 1}/{args.rounds}: {name} ({' '.join(ov) or 'no overrides'})", flush=True)
             results[name].append(run_variant(args.config, ov, args.steps, out_dir, f"{name}-{rnd}"))
+            path.write_text(json.dumps(doc, indent=2, default=str))  # what is done so far
         if args.efficiency:
             base.append(efficiency_baselines(args.config, overrides, args.steps))
+            path.write_text(json.dumps(doc, indent=2, default=str))
 
     def mean(name: str, key: str) -> float:
         return sum(r[key] for r in results[name]) / len(results[name])
@@ -313,12 +323,7 @@ def main() -> int:
               f"{mean(name, 'gen_tokens_per_s_generating'):10.0f} {mean(name, 'setup_seconds'):8.1f}  "
               + " ".join(f"{p} {100 * v:.0f}%" for p, v in shares.items() if v >= 0.005))
     eff = print_efficiency(results, base) if base else None
-    doc = {"benchmark": "bench_e2e", "config": args.config, "overrides": args.overrides,
-           "started_utc": started.isoformat(timespec="seconds"), "command": shlex.join([sys.executable, *sys.argv]),
-           "steps": args.steps, "rounds": args.rounds, "machine": machine_note(), "variants": variants,
-           "results": results, "efficiency": eff, "baselines": base}
-    path = Path(args.json) if args.json else out_dir / "bench_e2e.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    doc.update(machine=machine_note(), efficiency=eff)
     path.write_text(json.dumps(doc, indent=2, default=str))
     print(f"\nwrote {path}")
     return 0

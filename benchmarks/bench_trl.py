@@ -55,6 +55,7 @@ def run_trl(python: str, cfg, model_path: str, steps: int, out_dir: Path, tag: s
            "--prompts", str(cfg.data.prompts_per_step), "--n", str(cfg.generator.n),
            "--max-tokens", str(cfg.generator.max_tokens), "--lr", str(cfg.learner.lr),
            "--micro-batch", str(cfg.learner.micro_batch_size), "--loss-type", "grpo", "--out", str(out)]
+    load_before = os.getloadavg()[0]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false"))
     if r.returncode != 0:
@@ -67,7 +68,7 @@ def run_trl(python: str, cfg, model_path: str, steps: int, out_dir: Path, tag: s
             "gen_tokens_per_s_step": sum(tokens) / sum(steady) if len(tokens) == len(steady) else None,
             "step_seconds_mean": sum(steady) / len(steady), "setup_seconds": res["setup_seconds"],
             "step_seconds": res["step_seconds"], "gen_tokens": res.get("gen_tokens"),
-            "samples_per_step": res["samples_per_step"]}
+            "samples_per_step": res["samples_per_step"], "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 
 def main() -> int:
@@ -96,13 +97,20 @@ def main() -> int:
     out_dir = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     started = datetime.datetime.now(datetime.timezone.utc)
     res = {"trl": []} | {name: [] for name in variants}
+    path = Path(args.json) if args.json else out_dir / "bench_trl.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "bench_trl", "config": args.config, "started_utc": started.isoformat(timespec="seconds"),
+           "command": shlex.join([sys.executable, *sys.argv]), "steps": args.steps, "rounds": args.rounds,
+           "trl_version": check.stdout.strip(), "variants": variants, "runs": res, "summary": None}
     for rnd in range(args.rounds):
         print(f"[bench_trl] round {rnd + 1}/{args.rounds}: TRL {check.stdout.strip()}", flush=True)
         res["trl"].append(run_trl(args.trl_python, cfg, model_path, args.steps, out_dir, str(rnd)))
+        path.write_text(json.dumps(doc, indent=2))  # what is done so far, should a later run fail or be stopped
         for name, spec in variants.items():
             print(f"[bench_trl] round {rnd + 1}/{args.rounds}: {name}", flush=True)
             res[name].append(run_variant(args.config, [*GRPO, f"model.path={model_path}", *shlex.split(spec)],
                                          args.steps, out_dir, f"{name.replace(' ', '_')}-{rnd}"))
+            path.write_text(json.dumps(doc, indent=2))
 
     def mean(name: str, key: str):
         vals = [r[key] for r in res[name] if r.get(key) is not None]
@@ -127,12 +135,7 @@ def main() -> int:
         summary[name] = {"samples_per_s": sps, "x_trl_samples": x, "gen_tokens_per_s": tps, "x_trl_tokens": xt,
                          "step_seconds": mean(name, "step_seconds_mean"), "target_x_trl": tgt,
                          "target_met": None if tgt is None else x >= tgt}
-    doc = {"benchmark": "bench_trl", "config": args.config, "started_utc": started.isoformat(timespec="seconds"),
-           "command": shlex.join([sys.executable, *sys.argv]), "steps": args.steps, "rounds": args.rounds,
-           "trl_version": check.stdout.strip(), "machine": machine_note(), "variants": variants, "summary": summary,
-           "runs": res}
-    path = Path(args.json) if args.json else out_dir / "bench_trl.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    doc.update(machine=machine_note(), summary=summary)
     path.write_text(json.dumps(doc, indent=2))
     print(f"wrote {path}")
     return 0
