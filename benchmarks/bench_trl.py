@@ -48,13 +48,14 @@ DEFAULT_VARIANTS = {"passk-rl sync": "algorithm.max_staleness=0",
 TARGETS = {"tiny_cpu": {"passk-rl sync": 1.0}, "bench_medium": {"passk-rl sync": 1.5, "passk-rl async": 1.7}}
 
 
-def run_trl(python: str, cfg, model_path: str, steps: int, out_dir: Path, tag: str) -> dict:
+def run_trl(python: str, cfg, model_path: str, steps: int, out_dir: Path, tag: str, threads: int = 2) -> dict:
     out = out_dir / f"trl-{tag}.json"
     cmd = [python, str(ROOT / "benchmarks" / "_trl_grpo_worker.py"), "--model", model_path, "--steps", str(steps),
            "--task", cfg.task.name, "--task-params", json.dumps(cfg.task.params), "--split", cfg.task.train_split,
            "--prompts", str(cfg.data.prompts_per_step), "--n", str(cfg.generator.n),
            "--max-tokens", str(cfg.generator.max_tokens), "--lr", str(cfg.learner.lr),
-           "--micro-batch", str(cfg.learner.micro_batch_size), "--loss-type", "grpo", "--out", str(out)]
+           "--micro-batch", str(cfg.learner.micro_batch_size), "--loss-type", "grpo", "--threads", str(threads),
+           "--out", str(out)]
     load_before = os.getloadavg()[0]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false"))
@@ -79,6 +80,9 @@ def main() -> int:
     ap.add_argument("--config", default="configs/tiny_cpu.yaml")
     ap.add_argument("--variant", action="append", default=[], metavar='NAME="k=v ..."',
                     help="another passk-rl variant, beside the default sync and async ones")
+    ap.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of the TRL process (on a loaded machine 2 threads that must meet at every "
+                         "operator can run far slower than 1; see docs/results/speed/report.md)")
     ap.add_argument("--json", default=None, help="also write the figures here (default: in the run directory)")
     args = ap.parse_args()
     check = subprocess.run([args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
@@ -104,7 +108,7 @@ def main() -> int:
            "trl_version": check.stdout.strip(), "variants": variants, "runs": res, "summary": None}
     for rnd in range(args.rounds):
         print(f"[bench_trl] round {rnd + 1}/{args.rounds}: TRL {check.stdout.strip()}", flush=True)
-        res["trl"].append(run_trl(args.trl_python, cfg, model_path, args.steps, out_dir, str(rnd)))
+        res["trl"].append(run_trl(args.trl_python, cfg, model_path, args.steps, out_dir, str(rnd), args.trl_threads))
         path.write_text(json.dumps(doc, indent=2))  # what is done so far, should a later run fail or be stopped
         for name, spec in variants.items():
             print(f"[bench_trl] round {rnd + 1}/{args.rounds}: {name}", flush=True)
