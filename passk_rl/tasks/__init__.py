@@ -23,7 +23,7 @@ from passk_rl.tasks.base import (
 import importlib as _importlib
 
 # The package's own task modules; each registers itself on import.
-for _mod in ("arith", "gsm8k", "math", "code"):
+for _mod in ("arith", "gsm8k", "math", "code", "bench_text"):
     _importlib.import_module(f"passk_rl.tasks.{_mod}")
 load_task_modules()
 
