@@ -60,13 +60,13 @@ def resolve_bench_model(config: str, overrides: Sequence[str] = ()) -> str:
     first when the config names its place and it is missing or stale."""
     from passk_rl.config import load_config
     from passk_rl.tasks import make_bench_model
-    from passk_rl.trainer import resolve_model_path
+    from passk_rl.models.resolve import resolve_model
 
     cfg = load_config(config, list(overrides))
     p = Path(cfg.model.path)
     if (ROOT / p if not p.is_absolute() else p).resolve() == make_bench_model.DEFAULT_DIR.resolve():
         return str(make_bench_model.ensure())
-    return resolve_model_path(cfg.model.path)
+    return resolve_model(cfg.model.path, key="model.path", hub=True).path
 
 
 def run_variant(config: str, overrides: List[str], steps: int, out_dir: Path, name: str) -> Dict[str, Any]:
