@@ -95,16 +95,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     never materialises a full log-softmax copy). ``temperature`` must match how the behaviour logprobs were
     produced (vLLM returns raw-logit logprobs by default, i.e. temperature 1).
     """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits shape {tuple(logits.shape)} does not match tokens shape {tuple(tokens.shape)} "
-                         f"(expected logits = tokens.shape + (vocab,))")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    x = logits.float()
-    if temperature != 1.0:
-        x = x / temperature
-    picked = x.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(x, dim=-1)
+    return token_logprobs_and_entropy(logits, tokens, temperature=temperature, entropy=False)[0]
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
