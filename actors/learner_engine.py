@@ -343,8 +343,13 @@ class LearnerWorker:
         return [float(x) for x in t.tolist()]
 
     def _response_logits(self, model, c):
-        logits = model(input_ids=c.ids, attention_mask=c.attn, use_cache=False).logits
-        return logits.gather(1, c.pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        # Only the positions from the earliest response on reach the head (HF's logits_to_keep keeps the last N):
+        # with a 150k vocabulary the prompt's logits would be most of the activation memory and of the head's
+        # FLOPs, and nothing reads them.
+        first = int(c.pos.min()) if c.pos.numel() else 0
+        keep = c.ids.shape[1] - first
+        logits = model(input_ids=c.ids, attention_mask=c.attn, use_cache=False, logits_to_keep=keep).logits
+        return logits.gather(1, (c.pos - first).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
     def _global_denominators(self, batch: Batch):
         R = batch.response_lens

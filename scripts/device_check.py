@@ -16,7 +16,10 @@ Checks (each ends as pass / fail / skipped, with the reason and its figures):
    relative (L2). Both sides compute in float32 (TF32 off), so they differ only by summation order, ~1e-6 per op;
    1e-3 is ample for two layers forward and backward, and a wrong loss, device mix-up or dropped gradient gives
    O(1). Without DeepSpeed: the same loss function and update on the HF model in plain torch.
-4. ``dry_run`` — ``python -m passk_rl.launch --config X --dry-run`` for every config in configs/ that names
+4. ``bf16_speed`` — a Qwen2.5-0.5B-shaped model (random weights) in bf16 with 512-token answers: the learner's update
+   against a bare torch loop doing the same update on the same GPU (trained tokens/s, ratio, peak memory), and their
+   first-step gradient norms agree to 5 % (bf16 against fp32 weights under autocast).
+5. ``dry_run`` — ``python -m passk_rl.launch --config X --dry-run`` for every config in configs/ that names
    cluster.device cuda or npu (exit 0: the plan fits; 3: it does not; anything else fails).
 
 Writes ``device_check.json`` and ``device_check.txt`` under ``$OUT`` when set, else ``./device_check_out``.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -183,6 +187,10 @@ def check_stream(env: dict, *, megabytes: float, timeout_s: float) -> dict:
                 "reason": None if cuda else note}
     why = s.get("error") or r.get("error") or ("timed out" if len(out) < 2 else
                                                "received tensors or checksum differ from what was sent")
+    if cuda and devices[0] == devices[1] and "Duplicate GPU" in why:
+        # NCCL never puts two ranks of one communicator on one device: a one-GPU machine cannot run this check
+        return {"status": "skipped", "figures": figures,
+                "reason": "one GPU: NCCL refuses two ranks on one device ('Duplicate GPU detected'); needs 2 GPUs"}
     return {"status": "fail", "figures": figures, "reason": why,
             "trace": (s.get("trace") or "") + (r.get("trace") or "")}
 
@@ -205,10 +213,10 @@ def _update_deepspeed(model_path: str, device: str, out: str) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    from actors.learner import LearnerWorker
+    from actors.learner_engine import LearnerOptions, LearnerWorker
 
-    w = LearnerWorker(model_path, device=device, world_size=1, master_port=_free_port(), zero_stage=2,
-                      optimizer="sgd", lr=LR, micro_batch_size=2, seed=0, grad_clip=1e9)
+    opts = LearnerOptions.from_flat(zero_stage=2, optimizer="sgd", lr=LR, micro_batch_size=2, seed=0, grad_clip=1e9)
+    w = LearnerWorker(model_path, opts, device=device, world_size=1, master_port=_free_port())
     before = w.gather_state_dict()
     metrics = w.train_step(_fixed_batch(AutoTokenizer.from_pretrained(model_path)), step=1)
     after = w.gather_state_dict()
@@ -316,6 +324,36 @@ def check_learner_update(env: dict, workdir: Path) -> dict:
             "reason": None if ok else "CUDA and CPU disagree beyond the stated tolerances"}
 
 
+# ------------------------------------------------------------------------------------------- bf16 learner speed
+BENCH = dict(seqs=32, prompt=256, response=512, micro=8, steps=5)
+
+
+def check_bf16_speed(env: dict, workdir: Path) -> dict:
+    """benchmarks/learner_gpu.py's default comparison: the learner against a bare torch loop on this GPU."""
+    if not env["cuda_available"]:
+        return {"status": "skipped", "reason": "CUDA absent"}
+    from benchmarks.learner_gpu import QWEN25_05B, build_model, compare
+
+    path = workdir / "qwen2.5-0.5b-shape"
+    n_params = build_model(path, QWEN25_05B)
+    figures = {"model": f"Qwen2 (Qwen2.5-0.5B shape, tied), {n_params / 1e6:.0f} M parameters, bf16",
+               "batch": f"{BENCH['seqs']} sequences × ({BENCH['prompt']} prompt + {BENCH['response']} response) "
+                        f"tokens, micro-batch {BENCH['micro']}"}
+    if not env["has_deepspeed"]:
+        return {"status": "skipped", "reason": "DeepSpeed absent: the learner cannot run", "figures": figures}
+    try:
+        fig = compare(path, BENCH, ["default"], timeout=240)
+    except RuntimeError as e:
+        return {"status": "fail", "reason": str(e).splitlines()[0], "figures": figures, "trace": str(e)[-4000:]}
+    figures.update(learner=fig["default"], bare=fig["bare"], learner_vs_bare=fig["default"]["vs_bare"],
+                   grad_norm_rel_diff=fig["default"]["grad_norm_rel_diff_vs_bare"])
+    # same weights, batch and loss: the first step's gradient norm (before any update) agrees to bf16 precision
+    # (a dropped micro-batch, a wrong normaliser or a dtype mix-up moves it by O(1))
+    ok = figures["grad_norm_rel_diff"] <= 0.05 and math.isfinite(fig["default"]["grad_norm_first"])
+    return {"status": "pass" if ok else "fail", "figures": figures,
+            "reason": None if ok else "the learner's first gradient norm differs from the bare loop's by > 5 %"}
+
+
 # ------------------------------------------------------------------------------------------- dry runs
 def check_dry_runs() -> dict:
     import yaml
@@ -342,7 +380,7 @@ def check_dry_runs() -> dict:
 
 
 # ------------------------------------------------------------------------------------------- main
-CHECKS = ("environment", "nccl_stream", "learner_update", "dry_run")
+CHECKS = ("environment", "nccl_stream", "learner_update", "bf16_speed", "dry_run")
 
 
 def write_report(report: dict, env_f: dict, out: Path, seconds: float) -> list:
@@ -390,6 +428,7 @@ def main(argv=None) -> int:
         for name, fn in (("nccl_stream", lambda: check_stream(env_f, megabytes=args.stream_mb,
                                                               timeout_s=args.timeout)),
                          ("learner_update", lambda: check_learner_update(env_f, Path(tmp))),
+                         ("bf16_speed", lambda: check_bf16_speed(env_f, Path(tmp))),
                          ("dry_run", check_dry_runs)):
             t0 = time.perf_counter()
             try:

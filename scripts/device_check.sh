@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short accelerator check (< 5 minutes) for a GPU machine that has PyTorch but maybe no vLLM, no DeepSpeed and no
+# A short accelerator check (< 8 minutes) for a GPU machine that has PyTorch but maybe no vLLM, no DeepSpeed and no
 # network: the NCCL weight stream of cluster/collective.py between two processes, one learner update on CUDA against
 # the same update on CPU (stated tolerances), and --dry-run of every cuda/npu config. Optional packages that are
 # missing are skipped and named in the report; without CUDA it still runs (the CPU halves, gloo instead of NCCL)
@@ -15,4 +15,4 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
        TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 echo "[device_check] python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
-exec timeout --kill-after=10 300 "$PY" scripts/device_check.py "$@"
+exec timeout --kill-after=10 480 "$PY" scripts/device_check.py "$@"
