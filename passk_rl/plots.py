@@ -157,18 +157,20 @@ def plot_pareto_frontier(points: Mapping[str, Tuple[Interval, Interval]], fronti
     sorted by pass@1), every other label with its 95 % error bars, and ``base`` (the initial model) as a star with
     guide lines; ``points[label] = ((mean, lo, hi) at 1, (mean, lo, hi) at k)``, as in ``plot_pareto``."""
     gaps = frontier_gaps(points, frontier, seed_points)
-    fig, ax = plt.subplots(figsize=(7, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
+    # tab10, then tab20's light shades: more methods than ten colours, and no two share one
+    colors = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("tab20").colors[1::2])
     fr = sorted(frontier, key=lambda f: float(points[f][0][0]))
     ax.plot([float(points[f][0][0]) for f in fr], [float(points[f][1][0]) for f in fr], "k--", lw=1.0, zorder=1,
             label="frontier (" + " → ".join(fr) + ")")
-    for label, (p1, pk) in points.items():
+    for i, (label, (p1, pk)) in enumerate(points.items()):
         (m1, lo1, hi1), (mk, lok, hik) = (tuple(map(float, p1)), tuple(map(float, pk)))
         on = label in frontier
         g = gaps.get(label)
         tag = "" if on or g is None else (f" ({g['gap']:+.3f})" if g["gap"] is not None else f" ({g['side']})")
         bars = ax.errorbar([m1], [mk], xerr=[[max(m1 - lo1, 0.0)], [max(hi1 - m1, 0.0)]],
                            yerr=[[max(mk - lok, 0.0)], [max(hik - mk, 0.0)]], fmt="o" if on else "s",
-                           ms=4 if on else 5, capsize=2, label=str(label) + tag)
+                           ms=4 if on else 5, capsize=2, label=str(label) + tag, color=colors[i % len(colors)])
         seeds = (seed_points or {}).get(label) or []
         if len(seeds) > 1:
             xs, ys = zip(*seeds)
@@ -180,7 +182,9 @@ def plot_pareto_frontier(points: Mapping[str, Tuple[Interval, Interval]], fronti
     ax.set_xlabel("pass@1")
     ax.set_ylabel(f"pass@{k}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6.5, loc="best")
+    # outside the axes: inside, it hid the frontier's middle
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
     ax.set_title(title or f"pass@1 vs pass@{k}: frontier of the mixing weights; (±x) = pass@{k} gap to it",
                  fontsize=9)
     return _save(fig, Path(path))

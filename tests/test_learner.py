@@ -377,3 +377,34 @@ def test_publish_weights_through_shm_transport(z3, model_path, tmp_path):
         torch.testing.assert_close(published[k], v, rtol=0, atol=0)
     infos = z3.info()
     assert [i["rank"] for i in infos] == [0, 1] and all(i["zero_stage"] == 3 for i in infos)
+
+
+def test_a_stale_torch_extension_lock_does_not_hang_deepspeed_start():
+    """A rank killed inside torch's extension build leaves ``<build dir>/lock`` behind; before the fix every later
+    DeepSpeed start on the machine waited for it forever. A fresh process must remove it and load the op."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    code = ("from actors.learner_engine import load_deepspeed_comm_op as f; d = f(); "
+            "print('DIR', d, (d / 'lock').exists() if d else None)")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    root = Path(__file__).resolve().parents[1]
+    # first call: builds the op if this machine never did (about a minute on 2 cores) and names the directory
+    first = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    line = next(x for x in first.stdout.splitlines() if x.startswith("DIR"))
+    build_dir = line.split()[1]
+    assert build_dir != "None" and line.split()[2] == "False"
+    # a stale lock, planted under the same flock the loader takes (so no live load of ours is mid-build)
+    with open(Path(build_dir) / "passk_rl.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (Path(build_dir) / "lock").touch()
+        fcntl.flock(guard, fcntl.LOCK_UN)
+    second = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "removing a stale torch-extension lock" in second.stdout
+    assert not (Path(build_dir) / "lock").exists()
