@@ -46,38 +46,25 @@ from passk_rl.losses import LossOptions, importance_weights, learner_loss, token
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def load_deepspeed_comm_op(log=print) -> Optional[Path]:
-    """Load DeepSpeed's JIT-built shared-memory collective op (CPU accelerator) once per process, safely; returns
-    its build directory, or None where the accelerator has no such op.
+def skip_deepspeed_inference_comm_op() -> Optional[str]:
+    """Keep ``deepspeed.init_distributed`` from JIT-building DeepSpeed's shared-memory all-reduce op; returns the
+    op's name where the accelerator has one (the CPU accelerator), else None.
 
-    ``deepspeed.init_distributed`` loads the op through ``torch.utils.cpp_extension``, which guards its build
-    directory with a ``lock`` file that only the process that created it removes. A rank killed while holding it
-    (kill -9, a timed-out run's process group killed) leaves the file behind, and every later DeepSpeed start on
-    the machine waits for it forever (it hung this machine's suite in ``LearnerGroup.__init__``, and is the likely
-    cause of the CI run that never finished). Here the load runs under a kernel ``flock``, which dies with its holder: whoever holds
-    it is the only process of ours in the build, so a ``lock`` file found then is stale and is removed. DeepSpeed
-    caches the loaded op per process (``OpBuilder._loaded_ops``), so its own load later is a lookup."""
-    import fcntl
-
+    DeepSpeed 0.19 builds ``deepspeed_shm_comm`` with torch's extension builder at every ``init_distributed`` on
+    the CPU accelerator, but only ``inference_all_reduce`` uses it (the tensor-parallel inference layers of
+    ``deepspeed.module_inject``); ZeRO training reduces through ``torch.distributed`` (gloo here). So the learner
+    paid a C++ compile of about a minute on every fresh machine (each user's first run, every CI run) for an op
+    it never calls, and the build's ``lock`` file, left by a rank killed mid-build, made every later start on the
+    machine wait forever (the suite hang of 2026-12-04). ``build_shm_op`` returns None for an op that
+    ``deepspeed.ops.__compatible_ops__`` marks incompatible, so that is where the learner says no."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    if builder is None:
         return None
-    build_dir = Path(_get_build_directory(builder.name, verbose=False))
-    with open(build_dir / "passk_rl.flock", "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            stale = build_dir / "lock"
-            if stale.exists():
-                log(f"[learner] removing a stale torch-extension lock {stale} (its builder was killed)")
-                stale.unlink(missing_ok=True)
-            builder.load(verbose=False)
-        finally:
-            fcntl.flock(guard, fcntl.LOCK_UN)
-    return build_dir
+    deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    return builder.NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +185,7 @@ class LearnerWorker:
         from deepspeed.accelerator import get_accelerator
 
         self._ds = deepspeed
-        load_deepspeed_comm_op()
+        skip_deepspeed_inference_comm_op()
         t1 = time.perf_counter()
         deepspeed.init_distributed(dist_backend=self.spec.dist_backend)
         t2 = time.perf_counter()

@@ -379,37 +379,32 @@ def test_publish_weights_through_shm_transport(z3, model_path, tmp_path):
     assert [i["rank"] for i in infos] == [0, 1] and all(i["zero_stage"] == 3 for i in infos)
 
 
-def test_a_stale_torch_extension_lock_does_not_hang_deepspeed_start(tmp_path):
-    """A rank killed inside torch's extension build leaves ``<build dir>/lock`` behind; before the fix every later
-    DeepSpeed start on the machine waited for it forever. A fresh process must remove it and load the op."""
+def test_deepspeed_start_neither_builds_nor_waits_for_its_inference_comm_op(tmp_path):
+    """DeepSpeed's CPU ``init_distributed`` JIT-builds ``deepspeed_shm_comm`` (used only by inference all-reduce)
+    and waits on its build ``lock``; a rank killed mid-build once left that file and every later start on the
+    machine hung. The learner's start must skip the op: with a stale ``lock`` planted where torch would build it,
+    a real ``init_distributed`` (gloo, one rank) returns, and nothing is built there. Without the skip this
+    process waits on the lock until the timeout below fails the test."""
     import os
-    import shutil
+    import socket
     import subprocess
     import sys
 
-    code = ("from actors.learner_engine import load_deepspeed_comm_op as f; d = f(); "
-            "print('DIR', d, (d / 'lock').exists() if d else None)")
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    root = Path(__file__).resolve().parents[1]
-    # first call: builds the op if this machine never did (about a minute on 2 cores) and names the directory
-    first = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert first.returncode == 0, first.stderr[-2000:]
-    line = next(x for x in first.stdout.splitlines() if x.startswith("DIR"))
-    shared = Path(line.split()[1])
-    assert line.split()[1] != "None" and line.split()[2] == "False"
-    # The stale lock goes into a private copy of the built op (TORCH_EXTENSIONS_DIR), not the machine's shared
-    # build dir: the other pytest worker's DeepSpeed starts load from that one and would clear a lock planted
-    # there before this test's process looks (seen once with two workers). Same venv, same compile commands, so
-    # ninja finds the copy up to date and nothing is rebuilt. (Under TORCH_EXTENSIONS_DIR torch puts the op right
-    # below it, without the py311_cpu level of the default root.)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from actors.learner_engine import skip_deepspeed_inference_comm_op as skip; name = skip(); "
+            "import deepspeed; deepspeed.init_distributed(dist_backend='gloo'); "
+            "import torch.distributed as d; print('OP', name, 'WORLD', d.get_world_size())")
     ext_root = tmp_path / "torch_extensions"
-    build_dir = ext_root / shared.name
-    shutil.copytree(shared, build_dir, ignore=shutil.ignore_patterns("lock", "passk_rl.flock"))
-    (build_dir / "lock").touch()
-    second = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(env, TORCH_EXTENSIONS_DIR=str(ext_root)),
-                            capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert f"DIR {build_dir} False" in second.stdout, second.stdout
-    assert "removing a stale torch-extension lock" in second.stdout
-    assert not (build_dir / "lock").exists()
+    op_dir = ext_root / "deepspeed_shm_comm"  # under TORCH_EXTENSIONS_DIR torch builds right below it
+    op_dir.mkdir(parents=True)
+    (op_dir / "lock").touch()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_root), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OP deepspeed_shm_comm WORLD 1" in r.stdout, r.stdout
+    assert "built successfully" not in r.stdout + r.stderr
+    assert sorted(p.name for p in op_dir.iterdir()) == ["lock"]  # no build.ninja, no .so: nothing was built
