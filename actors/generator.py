@@ -384,7 +384,7 @@ class GeneratorPool:
 
     @classmethod
     def from_config(cls, cfg: Any, model_path: str, *, transport: Any = None,
-                    placement_group: Any = None) -> "GeneratorPool":
+                    placement_group: Any = None, wait: bool = True) -> "GeneratorPool":
         """The engines a run's config asks for (``cfg.generator``, ``cfg.model``, ``cfg.cluster``, ``cfg.run.seed``).
 
         Behaviour logprobs follow the sampling temperature: at T = 1 vLLM's raw logprobs are the sampling policy's;
@@ -399,11 +399,13 @@ class GeneratorPool:
                       logprobs_mode="raw_logprobs" if g.temperature == 1.0 else "processed_logprobs")
         return cls(g.num_engines, kwargs, device=cfg.cluster.device, num_cpus_per_engine=g.num_cpus_per_engine,
                    placement_group=placement_group, bundle_indices=list(range(g.num_engines)),
-                   max_restarts=g.max_restarts)
+                   max_restarts=g.max_restarts, wait=wait)
 
     def __init__(self, num_engines: int, engine_kwargs: Dict[str, Any], *, device: str = "cpu",
                  num_cpus_per_engine: float = 0.5, placement_group: Any = None,
-                 bundle_indices: Optional[Sequence[int]] = None, max_restarts: int = 2):
+                 bundle_indices: Optional[Sequence[int]] = None, max_restarts: int = 2, wait: bool = True):
+        """``wait=False`` returns once the engines are spawned; :meth:`wait_ready` then waits for them (the trainer
+        starts the learner ranks in between, so the two start-ups overlap)."""
         import ray
 
         if num_engines < 1:
@@ -429,13 +431,26 @@ class GeneratorPool:
             kwargs, num_cpus=num_cpus_per_engine, placement_group=placement_group,
             bundle_index=bundle_indices[i] if placement_group is not None else None)
         self.engines = [self._spawn(i) for i in range(num_engines)]
-        try:
-            self.engine_info = ray.get([e.ready.remote() for e in self.engines])
-        except Exception as err:
-            self.shutdown()
-            if start_error(err):
-                raise EngineStartError(start_error(err)) from None
-            raise
+        self._ready = [e.ready.remote() for e in self.engines]
+        self.engine_info: List[Dict[str, Any]] = []
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> List[Dict[str, Any]]:
+        """Wait until every engine has started and served its first request; an engine that cannot (its own error
+        text) raises :class:`EngineStartError` after the pool is shut down."""
+        import ray
+
+        if self._ready:
+            refs, self._ready = self._ready, []
+            try:
+                self.engine_info = ray.get(refs)
+            except Exception as err:
+                self.shutdown()
+                if start_error(err):
+                    raise EngineStartError(start_error(err)) from None
+                raise
+        return self.engine_info
 
     def replace_dead(self) -> bool:
         """Replace every engine whose actor is gone or whose vLLM engine died, without loading weights into them

@@ -75,7 +75,8 @@ class LearnerGroup:
     """
 
     def __init__(self, world_size: int, model_path: str, *, device: str = "cpu", num_cpus_per_rank: float = 0.5,
-                 placement_group=None, options: Optional[LearnerOptions] = None, **flat_options):
+                 placement_group=None, options: Optional[LearnerOptions] = None, wait: bool = True,
+                 **flat_options):
         import ray
 
         if world_size < 1:
@@ -104,15 +105,26 @@ class LearnerGroup:
             self.actors.append(remote_cls.options(**opts).remote())
         addr, port = ray.get(self.actors[0].address_and_free_port.remote())
         # Accelerator ranks see exactly one device (Ray sets the visible-devices variable), hence local rank 0.
-        ray.get([a.init_worker.remote(model_path, options, rank=r, world_size=world_size, master_addr=addr,
-                                      master_port=port, local_rank=r if spec.kind == "cpu" else 0, device=device)
-                 for r, a in enumerate(self.actors)])
+        self._ready = [a.init_worker.remote(model_path, options, rank=r, world_size=world_size, master_addr=addr,
+                                            master_port=port, local_rank=r if spec.kind == "cpu" else 0,
+                                            device=device)
+                       for r, a in enumerate(self.actors)]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every rank has its DeepSpeed engine (``wait=False`` in the constructor returns before)."""
+        import ray
+
+        if self._ready:
+            refs, self._ready = self._ready, []
+            ray.get(refs)
 
     # LearnerConfig fields that place the ranks rather than configure one (LearnerGroup's own arguments)
     PLACEMENT_FIELDS = ("world_size", "num_cpus_per_rank")
 
     @classmethod
-    def from_config(cls, cfg: Any, model_path: str, *, placement_group=None) -> "LearnerGroup":
+    def from_config(cls, cfg: Any, model_path: str, *, placement_group=None, wait: bool = True) -> "LearnerGroup":
         """The group a run's config asks for: every ``cfg.learner`` field is passed by name (a new LearnerConfig
         field that LearnerOptions does not take fails here, loudly), plus what follows from other sections."""
         import dataclasses
@@ -129,7 +141,7 @@ class LearnerGroup:
             temperature=cfg.generator.temperature,
         )
         return cls(L.world_size, model_path, device=cfg.cluster.device, num_cpus_per_rank=L.num_cpus_per_rank,
-                   placement_group=placement_group, **worker)
+                   placement_group=placement_group, wait=wait, **worker)
 
     def _all(self, method: str, per_rank_args=None, **kwargs) -> list:
         import ray
@@ -196,10 +208,12 @@ class LearnerGroup:
         import ray
         if not self.actors:
             return
-        try:
-            ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
-        except Exception:
-            pass  # a dead rank must not stop the others from being killed
+        starting, self._ready = getattr(self, "_ready", []), []
+        if not starting:  # a rank still starting (the engines failed first) would run shutdown only after its start
+            try:
+                ray.get([a.shutdown.remote() for a in self.actors], timeout=60)
+            except Exception:
+                pass  # a dead rank must not stop the others from being killed
         for a in self.actors:
             ray.kill(a)
         self.actors = []

@@ -181,12 +181,17 @@ class Trainer:
             self.dash = create_dashboard_actor(cfg.run.name, cfg.logging.pass_at_ks)
         self.transport = transport_from_config(cfg)
         self.verifier = VerifierPool.from_config(cfg)
+        # Engines and learner ranks start side by side: each start takes tens of seconds here, minutes for a 7B
+        # model on accelerators, and they need nothing from each other until the first weight sync.
+        self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
+                                             placement_group=self.placement.generator_pg, wait=False)
+        self.learner = LearnerGroup.from_config(cfg, self.model_path, placement_group=self.placement.learner_pg,
+                                                wait=False)
         try:
-            self.gen = GeneratorPool.from_config(cfg, self.model_path, transport=self.transport,
-                                                 placement_group=self.placement.generator_pg)
+            self.gen.wait_ready()
         except EngineStartError as e:  # once, with the engine's reason: a restart would fail the same way
             raise TrainingAborted(f"{e}; model.path={cfg.model.path}") from None
-        self.learner = LearnerGroup.from_config(cfg, self.model_path, placement_group=self.placement.learner_pg)
+        self.learner.wait_ready()
         self.weight_sync = WeightSync(self.learner, self.gen, self.transport,
                                       workers_per_engine=cfg.generator.tensor_parallel_size)
         g, L = cfg.generator, cfg.learner
